@@ -1,0 +1,220 @@
+"""Histograms of tensors over fixed log-spaced |x| buckets, counted on the device, ready for TensorBoard."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_gradflow.stats._common import BACKENDS, Backend, as_tensor_list, flat_view
+from lightning_gradflow.stats._dispatch import run_grouped
+from lightning_gradflow.stats.tensor_stats import TensorStats
+
+_BINS_PER_OCTAVE = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class HistogramSpec:
+    """Bucket layout: octaves ``[2**e, 2**(e+1))`` for ``min_exp <= e < max_exp``, each cut into ``bins_per_octave``.
+
+    A finite nonzero ``x`` with ``|x| = 2**E * (1 + f)``, ``0 <= f < 1``, goes to magnitude bucket
+    ``(E - min_exp) * bins_per_octave + floor(f * bins_per_octave)``, on the side of its sign; below ``2**min_exp``
+    it goes to that side's underflow bucket, at or above ``2**max_exp`` to its overflow bucket. Exact zeros and
+    non-finite values have buckets of their own. The rule reads only the exponent and the leading mantissa bits, so
+    every backend and dtype puts every value in the same bucket.
+
+    Row layout, ascending in value: ``[neg overflow, neg buckets (large → small |x|), neg underflow, zero,
+    pos underflow, pos buckets (small → large), pos overflow, non-finite]``.
+
+    Args:
+        min_exp: exponent of the smallest magnitude edge, at least -126 (float32's normal range).
+        max_exp: exponent of the largest magnitude edge, at most 127.
+        bins_per_octave: 1, 2, 4, 8 or 16 (edges at ``2**e * (1 + k / bins_per_octave)``).
+    """
+
+    min_exp: int = -40
+    max_exp: int = 16
+    bins_per_octave: int = 2
+
+    def __post_init__(self) -> None:
+        if not -126 <= self.min_exp < self.max_exp <= 127:
+            raise ValueError(
+                f"Expected -126 <= `min_exp` < `max_exp` <= 127, but got min_exp={self.min_exp},"
+                f" max_exp={self.max_exp}."
+            )
+        if self.bins_per_octave not in _BINS_PER_OCTAVE:
+            raise ValueError(
+                f"Expected `bins_per_octave` to be one of {_BINS_PER_OCTAVE}, but got {self.bins_per_octave}."
+            )
+
+    @property
+    def num_magnitude_bins(self) -> int:
+        """Buckets per sign between ``2**min_exp`` and ``2**max_exp``."""
+        return (self.max_exp - self.min_exp) * self.bins_per_octave
+
+    @property
+    def num_bins(self) -> int:
+        """Length of a histogram row."""
+        return 2 * self.num_magnitude_bins + 6
+
+    @property
+    def neg_overflow(self) -> int:
+        """Index of the bucket of ``x <= -2**max_exp``."""
+        return 0
+
+    @property
+    def neg_underflow(self) -> int:
+        """Index of the bucket of ``-2**min_exp < x < 0``."""
+        return self.num_magnitude_bins + 1
+
+    @property
+    def zero(self) -> int:
+        """Index of the bucket of exact zeros."""
+        return self.num_magnitude_bins + 2
+
+    @property
+    def pos_underflow(self) -> int:
+        """Index of the bucket of ``0 < x < 2**min_exp``."""
+        return self.num_magnitude_bins + 3
+
+    @property
+    def pos_overflow(self) -> int:
+        """Index of the bucket of ``x >= 2**max_exp``."""
+        return 2 * self.num_magnitude_bins + 4
+
+    @property
+    def nonfinite(self) -> int:
+        """Index of the bucket of NaN and ±Inf."""
+        return 2 * self.num_magnitude_bins + 5
+
+    def magnitude_edges(self) -> list[float]:
+        """The ``num_magnitude_bins + 1`` edges on ``|x|``, ascending (exact binary fractions)."""
+        n = self.bins_per_octave
+        edges = [2.0**e * (1 + k / n) for e in range(self.min_exp, self.max_exp) for k in range(n)]
+        return [*edges, 2.0**self.max_exp]
+
+
+@dataclass(frozen=True)
+class TensorHistograms:
+    """Per-tensor bucket counts (``(num_tensors, spec.num_bins)`` int64, on the device) and their layout."""
+
+    counts: Tensor
+    spec: HistogramSpec
+
+    def __len__(self) -> int:
+        return self.counts.shape[0]
+
+    def total(self) -> Tensor:
+        """Counts of all the tensors together, shape ``(num_bins,)``."""
+        return self.counts.sum(0)
+
+    def reduce_rows(self, row_to_group: Tensor, num_groups: int) -> TensorHistograms:
+        """Sums rows into groups (e.g. the tensors of one layer)."""
+        out = torch.zeros((num_groups, self.spec.num_bins), dtype=self.counts.dtype, device=self.counts.device)
+        return TensorHistograms(out.index_add_(0, row_to_group, self.counts), self.spec)
+
+    def to_host(self) -> TensorHistograms:
+        """The counts on the CPU (one transfer)."""
+        return TensorHistograms(self.counts.cpu(), self.spec)
+
+
+def tensorboard_histogram(counts: Tensor, spec: HistogramSpec, stats: TensorStats | None = None) -> dict[str, Any]:
+    """Arguments for ``SummaryWriter.add_histogram_raw`` from one histogram row (and optionally its statistics).
+
+    TensorBoard buckets are ``(previous limit, limit]``: the negative underflow and the zeros share the bucket
+    ending at 0. Non-finite values are left out (they are reported by :class:`TensorStats`). Empty buckets at either
+    end are trimmed. Without ``stats``, ``sum`` and ``sum_squares`` are estimated from bucket midpoints and
+    ``min``/``max`` are bucket edges.
+
+    Args:
+        counts: ``(num_bins,)`` counts, e.g. ``hist.total()`` or ``hist.counts[i]``; any device.
+        spec: the layout the counts were made with.
+        stats: a one-row :class:`TensorStats` of the same values, for exact ``sum``, ``sum_squares`` and
+            ``max(|x|)``.
+
+    Returns:
+        ``dict(min=, max=, num=, sum=, sum_squares=, bucket_limits=, bucket_counts=)``, or an empty dict when every
+        value is non-finite (TensorBoard cannot draw an empty histogram).
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_gradflow.stats import HistogramSpec, tensor_histograms, tensorboard_histogram
+        >>> spec = HistogramSpec(min_exp=-2, max_exp=2, bins_per_octave=1)
+        >>> h = tensor_histograms([torch.tensor([0.0, 0.3, -1.5, 3.0])], spec=spec)
+        >>> raw = tensorboard_histogram(h.total(), spec)
+        >>> raw["num"], raw["bucket_limits"], raw["bucket_counts"]
+        (4, [-1.0, 0.0, 0.5, 1.0, 2.0, 4.0], [1, 1, 1, 0, 0, 1])
+    """
+    values = [int(c) for c in counts.detach().cpu().tolist()]
+    if len(values) != spec.num_bins:
+        raise ValueError(f"Expected {spec.num_bins} counts for {spec}, but got {len(values)}.")
+    m = spec.num_magnitude_bins
+    edges = spec.magnitude_edges()
+    top = 2.0 ** (spec.max_exp + 1)
+    # (limit, count, midpoint) per TensorBoard bucket, ascending.
+    buckets: list[tuple[float, int, float]] = [(-edges[-1], values[spec.neg_overflow], -top)]
+    for j in range(m - 1, -1, -1):  # negative magnitude buckets, large to small |x|
+        buckets.append((-edges[j], values[m - j], -(edges[j] + edges[j + 1]) / 2))
+    buckets.append((0.0, values[spec.neg_underflow] + values[spec.zero], -edges[0] / 2))
+    buckets.append((edges[0], values[spec.pos_underflow], edges[0] / 2))
+    for j in range(m):
+        buckets.append((edges[j + 1], values[spec.pos_underflow + 1 + j], (edges[j] + edges[j + 1]) / 2))
+    buckets.append((top, values[spec.pos_overflow], top))
+    nonzero = [i for i, (_, c, _) in enumerate(buckets) if c]
+    if not nonzero:
+        return {}
+    first, last = nonzero[0], nonzero[-1]
+    kept = buckets[first : last + 1]
+    lower = buckets[first - 1][0] if first > 0 else -top
+    num = sum(c for _, c, _ in kept)
+    if stats is not None:
+        row = stats.to_host().table[0]
+        total, sum_squares, absmax = float(row[2]), float(row[0]), float(row[1])
+        lower, upper = max(lower, -absmax), min(kept[-1][0], absmax)
+    else:
+        total = sum(c * mid for _, c, mid in kept)
+        sum_squares = sum(c * mid * mid for _, c, mid in kept)
+        upper = kept[-1][0]
+    limits = [lim for lim, _, _ in kept]
+    limits[-1] = max(upper, lower)
+    return {
+        "min": lower,
+        "max": limits[-1],
+        "num": num,
+        "sum": total,
+        "sum_squares": sum_squares,
+        "bucket_limits": limits,
+        "bucket_counts": [c for _, c, _ in kept],
+    }
+
+
+def tensor_histograms(
+    tensors: Iterable[Tensor], *, spec: HistogramSpec | None = None, backend: Backend = "auto"
+) -> TensorHistograms:
+    """Counts of every tensor's values over the buckets of ``spec``, without copying the values to the host.
+
+    Args:
+        tensors: floating-point tensors (not modified).
+        spec: bucket layout; default ``HistogramSpec()`` (|x| from 2**-40 to 2**16, two buckets per octave).
+        backend: as in :func:`~lightning_gradflow.stats.tensor_stats`.
+
+    Returns:
+        :class:`TensorHistograms` with int64 counts on the first tensor's device.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"Expected `backend` to be one of {BACKENDS}, but got {backend!r}.")
+    spec = spec or HistogramSpec()
+    if not isinstance(spec, HistogramSpec):
+        raise TypeError(f"Expected `spec` to be a HistogramSpec, but got {type(spec).__name__}.")
+    items = as_tensor_list(tensors)
+    counts = run_grouped(
+        [(t.device, t.dtype) for t in items],
+        backend,
+        lambda impl, positions: impl.histogram_rows([flat_view(items[i]) for i in positions], spec),
+        lambda device: torch.zeros((0, spec.num_bins), dtype=torch.long, device=device),
+    )
+    return TensorHistograms(counts, spec)

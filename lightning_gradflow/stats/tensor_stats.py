@@ -1,0 +1,210 @@
+"""Per-tensor statistics of many tensors in one fused pass: the engine under every callback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from lightning_gradflow.stats._common import (
+    ADDITIVE_STATS,
+    BACKENDS,
+    MAX_STATS,
+    NUM_STATS,
+    Backend,
+    Stat,
+    as_tensor_list,
+    flat_view,
+)
+from lightning_gradflow.stats._dispatch import run_grouped
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Statistics of a list of tensors: one row per tensor, the columns of :class:`Stat`.
+
+    The table is ``float32`` and stays on the device of the inputs; nothing here synchronises with the host
+    until :meth:`to_host` is called. Counts are exact up to 2**24 per tensor (float32 integers).
+    Means and RMS are over the finite values (0 when there are none).
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_gradflow.stats import tensor_stats
+        >>> s = tensor_stats([torch.tensor([3.0, -4.0, 0.0]), torch.tensor([1.0, float("nan")])])
+        >>> s.norm.tolist(), s.absmax.tolist(), s.nonfinite.tolist(), s.zero_fraction.tolist()
+        ([5.0, 1.0], [4.0, 1.0], [0.0, 1.0], [0.3333333432674408, 0.0])
+        >>> float(s.total_norm())  # sqrt(9 + 16 + 1): the square root of the summed squares
+        5.099019527435303
+    """
+
+    table: Tensor
+
+    def __post_init__(self) -> None:
+        if self.table.ndim != 2 or self.table.shape[1] != NUM_STATS:
+            raise ValueError(f"Expected a (num_tensors, {NUM_STATS}) table, but got shape {tuple(self.table.shape)}.")
+
+    def __len__(self) -> int:
+        return self.table.shape[0]
+
+    def column(self, stat: Stat) -> Tensor:
+        """One column of the table, shape ``(num_tensors,)``."""
+        return self.table[:, stat]
+
+    @property
+    def sumsq(self) -> Tensor:
+        """Sum of squares of the finite values."""
+        return self.column(Stat.SUMSQ)
+
+    @property
+    def norm(self) -> Tensor:
+        """L2 norm of the finite values."""
+        return self.sumsq.sqrt()
+
+    @property
+    def absmax(self) -> Tensor:
+        """Largest finite ``|x|`` (0 for an empty tensor)."""
+        return self.column(Stat.ABSMAX)
+
+    @property
+    def sum(self) -> Tensor:
+        """Sum of the finite values."""
+        return self.column(Stat.SUM)
+
+    @property
+    def nonfinite(self) -> Tensor:
+        """Number of NaN and ±Inf values."""
+        return self.column(Stat.NONFINITE)
+
+    @property
+    def zeros(self) -> Tensor:
+        """Number of exact zeros."""
+        return self.column(Stat.ZEROS)
+
+    @property
+    def numel(self) -> Tensor:
+        """Number of elements."""
+        return self.column(Stat.NUMEL)
+
+    @property
+    def finite_count(self) -> Tensor:
+        """Number of finite values."""
+        return self.numel - self.nonfinite
+
+    @property
+    def rms(self) -> Tensor:
+        """Root mean square of the finite values."""
+        return (self.sumsq / self.finite_count.clamp(min=1)).sqrt()
+
+    @property
+    def mean(self) -> Tensor:
+        """Mean of the finite values."""
+        return self.sum / self.finite_count.clamp(min=1)
+
+    @property
+    def zero_fraction(self) -> Tensor:
+        """Fraction of the elements that are exactly zero."""
+        return self.zeros / self.numel.clamp(min=1)
+
+    def total_norm(self) -> Tensor:
+        """Global L2 norm of all the tensors: the square root of the summed squares (a 0-dim tensor)."""
+        return self.sumsq.sum().sqrt()
+
+    def to_host(self, non_blocking: bool = False) -> TensorStats:
+        """The same statistics on the CPU: the one explicit device-to-host transfer.
+
+        With ``non_blocking=True`` on CUDA the copy goes to pinned memory asynchronously; read it after the
+        stream has passed this point (e.g. one step later, or after ``torch.cuda.current_stream().synchronize()``).
+        """
+        if self.table.device.type == "cpu":
+            return self
+        host = torch.empty(self.table.shape, dtype=self.table.dtype, pin_memory=non_blocking)
+        host.copy_(self.table, non_blocking=non_blocking)
+        return TensorStats(host)
+
+    def reduce_rows(self, row_to_group: Tensor, num_groups: int) -> TensorStats:
+        """Merges rows into groups exactly (e.g. the tensors of one layer): sums add, maxima take the maximum.
+
+        Args:
+            row_to_group: ``(num_tensors,)`` long tensor on the table's device, the group of each row.
+            num_groups: number of groups.
+        """
+        out = torch.zeros((num_groups, NUM_STATS), dtype=self.table.dtype, device=self.table.device)
+        out.index_add_(0, row_to_group, self.table)
+        for col in MAX_STATS:
+            out[:, col] = 0.0
+            out[:, col].scatter_reduce_(0, row_to_group, self.table[:, col], reduce="amax", include_self=True)
+        return TensorStats(out)
+
+    @staticmethod
+    def combine(parts: Sequence[TensorStats]) -> TensorStats:
+        """Merges statistics of shards of the same tensors (same rows), exactly: sums add, maxima take the max."""
+        if not parts:
+            raise ValueError("Expected `parts` to hold at least one TensorStats, but got none.")
+        shapes = {tuple(p.table.shape) for p in parts}
+        if len(shapes) != 1:
+            raise ValueError(f"Expected every part to have the same table shape, but got {sorted(shapes)}.")
+        stacked = torch.stack([p.table for p in parts])
+        out = stacked.sum(0)
+        for col in MAX_STATS:
+            out[:, col] = stacked[:, :, col].amax(0)
+        return TensorStats(out)
+
+    def all_reduce(self, group: ProcessGroup | None = None) -> TensorStats:
+        """Combines the shards held by every rank of ``group`` (two collectives; returns a new object)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        additive = self.table[:, list(ADDITIVE_STATS)].contiguous()
+        maxed = self.table[:, list(MAX_STATS)].contiguous()
+        dist.all_reduce(additive, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=group)
+        out = torch.empty_like(self.table)
+        out[:, list(ADDITIVE_STATS)] = additive
+        out[:, list(MAX_STATS)] = maxed
+        return TensorStats(out)
+
+
+def tensor_stats(tensors: Iterable[Tensor], *, backend: Backend = "auto") -> TensorStats:
+    """Sum of squares, max ``|x|``, sum, non-finite count, zero count and size of every tensor, in one pass.
+
+    Args:
+        tensors: floating-point tensors of any shapes, dtypes (float16, bfloat16, float32, float64), devices and
+            strides; empty tensors allowed. They are never modified.
+        backend: ``"auto"`` (fused Triton kernel on CUDA when Triton imports, else ``"torch"``), ``"torch"``,
+            ``"triton"`` or ``"reference"`` (a float64 loop, the test oracle).
+
+    Returns:
+        A :class:`TensorStats` whose ``(len(tensors), 6)`` float32 table lives on the first tensor's device.
+
+    Raises:
+        TypeError: for a non-tensor item or a non-floating dtype.
+        ValueError: for an unknown backend or a tensor on the meta device.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_gradflow.stats import tensor_stats
+        >>> model = torch.nn.Linear(4, 2)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> stats = tensor_stats([p.grad for p in model.parameters()])
+        >>> stats.table.shape
+        torch.Size([2, 6])
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"Expected `backend` to be one of {BACKENDS}, but got {backend!r}.")
+    items = as_tensor_list(tensors)
+    table = run_grouped(
+        [(t.device, t.dtype) for t in items],
+        backend,
+        lambda impl, positions: impl.tensor_stats_rows([flat_view(items[i]) for i in positions]),
+        lambda device: torch.zeros((0, NUM_STATS), device=device),
+    )
+    return TensorStats(table)
