@@ -69,9 +69,7 @@ def as_tensor_list(tensors: Iterable[Tensor], arg: str = "tensors") -> list[Tens
     try:
         items = list(tensors)
     except TypeError:
-        raise TypeError(
-            f"Expected `{arg}` to be a sequence of tensors, but got {type(tensors).__name__}."
-        ) from None
+        raise TypeError(f"Expected `{arg}` to be a sequence of tensors, but got {type(tensors).__name__}.") from None
     for i, t in enumerate(items):
         if not isinstance(t, Tensor):
             raise TypeError(f"Expected `{arg}[{i}]` to be a torch.Tensor, but got {type(t).__name__}: {t!r:.80}.")
@@ -99,9 +97,19 @@ def flat_view(t: Tensor) -> Tensor:
     t = t.detach()
     if t.is_contiguous():
         return t.view(-1)
-    if t.is_non_overlapping_and_dense():
+    if is_dense(t):
         return t.as_strided((t.numel(),), (1,), t.storage_offset())
     return t.reshape(-1)
+
+
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t`` covers a gap-free block of memory without overlap, in some order of its dimensions."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape, strict=True) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def group_indices(keys: Sequence[tuple[object, ...]]) -> dict[tuple[object, ...], list[int]]:

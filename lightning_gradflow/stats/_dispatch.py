@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,7 +37,7 @@ def _device_index(device: torch.device, positions: tuple[int, ...]) -> Tensor:
 
 
 def run_grouped(
-    keys: Sequence[tuple[torch.device, ...]],
+    keys: Sequence[tuple[Any, ...]],
     backend: str,
     compute: Callable[[ModuleType, list[int]], Tensor],
     empty: Callable[[torch.device], Tensor],

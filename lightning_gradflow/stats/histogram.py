@@ -147,7 +147,7 @@ def tensorboard_histogram(counts: Tensor, spec: HistogramSpec, stats: TensorStat
         >>> h = tensor_histograms([torch.tensor([0.0, 0.3, -1.5, 3.0])], spec=spec)
         >>> raw = tensorboard_histogram(h.total(), spec)
         >>> raw["num"], raw["bucket_limits"], raw["bucket_counts"]
-        (4, [-1.0, 0.0, 0.5, 1.0, 2.0, 4.0], [1, 1, 1, 0, 0, 1])
+        (4, [-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0], [1, 0, 0, 1, 0, 1, 0, 0, 1])
     """
     values = [int(c) for c in counts.detach().cpu().tolist()]
     if len(values) != spec.num_bins:

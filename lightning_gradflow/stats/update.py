@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -15,6 +16,7 @@ from lightning_gradflow.stats._common import (
     UpdateStat,
     as_tensor_list,
     flat_view,
+    is_dense,
 )
 from lightning_gradflow.stats._dispatch import run_grouped
 
@@ -100,7 +102,7 @@ def make_snapshot(params: Iterable[Tensor], dtype: torch.dtype | None = None) ->
 
 def _paired_flat_views(p: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     # Both must be read in the same element order; the snapshot must be a view so it can be refreshed in place.
-    if p.stride() == s.stride() and s.is_non_overlapping_and_dense():
+    if p.stride() == s.stride() and is_dense(s):
         return flat_view(p), flat_view(s)
     if s.is_contiguous():
         return p.detach().reshape(-1), s.view(-1)
@@ -110,9 +112,7 @@ def _paired_flat_views(p: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     )
 
 
-def update_stats(
-    params: Iterable[Tensor], snapshots: Iterable[Tensor], *, backend: Backend = "auto"
-) -> UpdateStats:
+def update_stats(params: Iterable[Tensor], snapshots: Iterable[Tensor], *, backend: Backend = "auto") -> UpdateStats:
     """‖p − snapshot‖² and ‖p‖² per tensor in one pass, then ``snapshot ← p`` in the same pass.
 
     Args:
@@ -140,9 +140,9 @@ def update_stats(
                 f" {tuple(p.shape)} on {p.device}; rebuild the snapshots with `make_snapshot(params)`."
             )
 
-    def compute(impl: object, positions: list[int]) -> Tensor:
+    def compute(impl: ModuleType, positions: list[int]) -> Tensor:
         pairs = [_paired_flat_views(ps[i], ss[i]) for i in positions]
-        return impl.update_stats_rows([a for a, _ in pairs], [b for _, b in pairs])  # type: ignore[attr-defined]
+        return impl.update_stats_rows([a for a, _ in pairs], [b for _, b in pairs])
 
     table = run_grouped(
         [(p.device, p.dtype, s.dtype) for p, s in zip(ps, ss, strict=True)],

@@ -1,0 +1,271 @@
+"""Pure-torch backend: the CPU path and the GPU fallback when Triton is missing.
+
+Each group of tensors is cut into *batches* of about :data:`CHUNK` elements: a slice of one large tensor, or many
+small tensors packed together. A batch is small enough to stay in cache, so the several reductions it needs read
+memory once (on this project's 2-core CPU a cached reduction runs 3-5x faster than one streaming from memory).
+Per-batch results are merged per tensor at the end.
+
+On the CPU, a batch whose largest ``|x|`` is finite has no NaN or Inf (both propagate through ``max``) and takes the
+fast path; only batches with non-finite values pay for masking. That test reads a value, so on other devices every
+batch is masked instead: the GPU path never synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_gradflow.stats._common import NUM_STATS, NUM_UPDATE_STATS, Stat, UpdateStat
+from lightning_gradflow.stats.histogram import HistogramSpec
+
+#: Elements per batch on the CPU (4 MiB of float32: stays in the last-level cache between reductions).
+CHUNK = 1 << 20
+#: Elements per batch on other devices (bounds the temporaries of the fallback path).
+DEVICE_CHUNK = 1 << 24
+#: Tensors smaller than this are packed with others; larger ones are reduced slice by slice.
+PACK_BELOW = 1 << 14
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Pieces ``(tensor index, start, length)`` processed together; one piece means a slice of one tensor."""
+
+    pieces: tuple[tuple[int, int, int], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(numels: tuple[int, ...], chunk: int) -> tuple[_Batch, ...]:
+    """Cuts tensors of the given sizes into batches of at most ``chunk`` elements (cached: layouts repeat)."""
+    batches: list[_Batch] = []
+    packed: list[tuple[int, int, int]] = []
+    packed_size = 0
+    for i, n in enumerate(numels):
+        if n == 0:  # an empty tensor's row is all zeros: nothing to read
+            continue
+        if n >= PACK_BELOW:
+            batches.extend(_Batch(((i, start, min(chunk, n - start)),)) for start in range(0, n, chunk))
+            continue
+        if packed_size + n > chunk and packed:
+            batches.append(_Batch(tuple(packed)))
+            packed, packed_size = [], 0
+        packed.append((i, 0, n))
+        packed_size += n
+    if packed:
+        batches.append(_Batch(tuple(packed)))
+    return tuple(batches)
+
+
+@functools.lru_cache(maxsize=64)
+def _piece_owner(numels: tuple[int, ...], chunk: int, device: torch.device) -> Tensor:
+    """Tensor index of every piece of the plan, on ``device`` (copied there once per layout)."""
+    owners = [i for batch in _plan(numels, chunk) for i, _, _ in batch.pieces]
+    return torch.tensor(owners, dtype=torch.long, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _numels(numels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(numels, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _batch_owner(batch: _Batch, device: torch.device) -> Tensor:
+    """Tensor index of every element of a batch."""
+    owners = torch.tensor([i for i, _, _ in batch.pieces], dtype=torch.long, device=device)
+    return owners[_segment_ids(batch, device)]
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_size(device: torch.device) -> int:
+    return CHUNK if device.type == "cpu" else DEVICE_CHUNK
+
+
+def _batch_values(flats: list[Tensor], batch: _Batch, acc: torch.dtype) -> Tensor:
+    """The batch's values as one 1-D tensor of the accumulation dtype (a view when no copy is needed)."""
+    parts = [flats[i][start : start + n] for i, start, n in batch.pieces]
+    values = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return values.to(acc)
+
+
+@functools.lru_cache(maxsize=256)
+def _lengths(batch: _Batch, device: torch.device) -> Tensor:
+    return torch.tensor([n for _, _, n in batch.pieces], dtype=torch.long, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _segment_ids(batch: _Batch, device: torch.device) -> Tensor:
+    """Position of the piece every element of a packed batch belongs to."""
+    return torch.repeat_interleave(torch.arange(len(batch.pieces), device=device), _lengths(batch, device))
+
+
+def _iter_batches(flats: list[Tensor], chunk: int) -> Iterator[_Batch]:
+    yield from _plan(tuple(t.numel() for t in flats), chunk)
+
+
+# ---------------------------------------------------------------------------------------------- tensor statistics
+
+
+def _masked(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` with non-finite values replaced by 0, and the non-finite indicator (as x's dtype)."""
+    finite = torch.isfinite(x)
+    return torch.where(finite, x, 0.0), (~finite).to(x.dtype)
+
+
+def _slice_stats(x: Tensor, masked: bool) -> Tensor:
+    """The six statistics of one 1-D tensor as a ``(NUM_STATS,)`` tensor of ``x.dtype``."""
+    if x.numel() == 0:
+        return torch.zeros(NUM_STATS, dtype=x.dtype, device=x.device)
+    absx = x.abs()
+    absmax = absx.amax()
+    if not masked and x.device.type == "cpu" and not math.isfinite(absmax):
+        masked = True
+    zeros = torch.eq(x, 0, out=absx).sum() if not masked else (x == 0).sum().to(x.dtype)
+    if masked:
+        x, nonfinite_flags = _masked(x)
+        absmax = x.abs().amax()
+        nonfinite = nonfinite_flags.sum()
+        scratch = torch.empty_like(x)
+    else:
+        nonfinite = torch.zeros((), dtype=x.dtype, device=x.device)
+        scratch = absx  # |x| is no longer needed: reuse its memory
+    sumsq = torch.mul(x, x, out=scratch).sum()
+    numel = torch.full((), x.numel(), dtype=x.dtype, device=x.device)
+    return torch.stack([sumsq, absmax, x.sum(), nonfinite, zeros, numel])
+
+
+def _packed_stats(x: Tensor, batch: _Batch, masked: bool) -> Tensor:
+    """Statistics of the pieces of a packed batch, shape ``(len(batch.pieces), NUM_STATS)``.
+
+    Small tensors only (< PACK_BELOW elements each); their sums accumulate in float64, which is cheap at this size
+    and keeps the sequential segment sums as accurate as the cascade sums of the slice path.
+    """
+    absx = x.abs()
+    if not masked and x.device.type == "cpu":
+        masked = not math.isfinite(absx.amax())
+    zeros = x == 0
+    if masked:
+        x, nonfinite = _masked(x)
+        absx = x.abs()
+    else:
+        nonfinite = torch.zeros_like(x)
+    wide = x.to(torch.float64)
+    columns = torch.stack([wide * wide, wide, nonfinite.to(torch.float64), zeros.to(torch.float64)])
+    lengths = _lengths(batch, x.device)
+    sums = torch.segment_reduce(columns, "sum", lengths=lengths.expand(4, -1), axis=1, unsafe=True)
+    out = torch.empty((len(batch.pieces), NUM_STATS), dtype=x.dtype, device=x.device)
+    out[:, [Stat.SUMSQ, Stat.SUM, Stat.NONFINITE, Stat.ZEROS]] = sums.t().to(x.dtype)
+    out[:, Stat.ABSMAX] = 0.0
+    out[:, Stat.ABSMAX].scatter_reduce_(0, _segment_ids(batch, x.device), absx, reduce="amax", include_self=True)
+    return out
+
+
+def _merge_pieces(piece_rows: Tensor, owner: Tensor, num_tensors: int) -> Tensor:
+    out = torch.zeros((num_tensors, NUM_STATS), dtype=piece_rows.dtype, device=piece_rows.device)
+    out.index_add_(0, owner, piece_rows)
+    out[:, Stat.ABSMAX] = 0.0
+    out[:, Stat.ABSMAX].scatter_reduce_(0, owner, piece_rows[:, Stat.ABSMAX], reduce="amax", include_self=True)
+    return out
+
+
+def tensor_stats_rows(flats: list[Tensor]) -> Tensor:
+    """``(len(flats), NUM_STATS)`` float32 table: see :class:`~lightning_gradflow.stats.Stat`."""
+    device = flats[0].device
+    acc = _accumulation_dtype(flats[0].dtype)
+    chunk = _chunk_size(device)
+    masked = device.type != "cpu"
+    rows = []
+    for batch in _iter_batches(flats, chunk):
+        values = _batch_values(flats, batch, acc)
+        if len(batch.pieces) == 1:
+            rows.append(_slice_stats(values, masked).unsqueeze(0))
+        else:
+            rows.append(_packed_stats(values, batch, masked))
+    if not rows:  # only empty tensors
+        return torch.zeros((len(flats), NUM_STATS), dtype=torch.float32, device=device)
+    owner = _piece_owner(tuple(t.numel() for t in flats), chunk, device)
+    table = _merge_pieces(torch.cat(rows), owner, len(flats))
+    table[:, Stat.NUMEL] = _numels(tuple(t.numel() for t in flats), acc, device)
+    return table.to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- update statistics
+
+
+def update_stats_rows(params: list[Tensor], snapshots: list[Tensor]) -> Tensor:
+    """``(len(params), 2)`` float32 table of ``Σ(p − s)²`` and ``Σp²`` over finite entries; then ``s ← p``."""
+    device = params[0].device
+    acc = _accumulation_dtype(params[0].dtype)
+    chunk = _chunk_size(device)
+    masked = device.type != "cpu"
+    rows = []
+    for batch in _iter_batches(params, chunk):
+        p = _batch_values(params, batch, acc)
+        s = _batch_values(snapshots, batch, acc)
+        delta = p - s
+        columns = torch.stack([delta * delta, p * p], dim=1)
+        if masked or not bool(torch.isfinite(columns.sum(0)).all()):
+            finite = torch.stack([torch.isfinite(delta), torch.isfinite(p)], dim=1)
+            columns = torch.where(finite, columns, 0.0)
+        if len(batch.pieces) == 1:
+            rows.append(columns.sum(0, keepdim=True))
+        else:
+            rows.append(torch.segment_reduce(columns, "sum", lengths=_lengths(batch, device), axis=0, unsafe=True))
+        for i, start, n in batch.pieces:
+            snapshots[i][start : start + n].copy_(params[i][start : start + n])
+    if not rows:
+        return torch.zeros((len(params), NUM_UPDATE_STATS), dtype=torch.float32, device=device)
+    owner = _piece_owner(tuple(t.numel() for t in params), chunk, device)
+    out = torch.zeros((len(params), NUM_UPDATE_STATS), dtype=acc, device=device)
+    out.index_add_(0, owner, torch.cat(rows))
+    assert out.shape[1] == len(UpdateStat)
+    return out.to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- histograms
+
+
+def bucket_index(x: Tensor, spec: HistogramSpec) -> Tensor:
+    """Bucket of every value of ``x`` (float32 or float64) under ``spec``, from its exponent and mantissa bits."""
+    m = spec.num_magnitude_bins
+    mantissa, exponent = torch.frexp(x.abs())  # |x| = mantissa * 2**exponent, mantissa in [0.5, 1)
+    octave = exponent.to(torch.long) - 1 - spec.min_exp
+    # 2 * mantissa - 1 is the exact fraction f in [0, 1); times a power of two it stays exact.
+    sub = ((2 * mantissa - 1) * spec.bins_per_octave).floor().to(torch.long)
+    magnitude = octave * spec.bins_per_octave + sub
+    positive = torch.where(
+        octave < 0,
+        spec.pos_underflow,
+        torch.where(magnitude >= m, spec.pos_overflow, spec.pos_underflow + 1 + magnitude),
+    )
+    negative = torch.where(
+        octave < 0,
+        spec.neg_underflow,
+        torch.where(magnitude >= m, spec.neg_overflow, m - magnitude),
+    )
+    index = torch.where(x > 0, positive, negative)
+    index = torch.where(x == 0, spec.zero, index)
+    return torch.where(torch.isfinite(x), index, spec.nonfinite)
+
+
+def histogram_rows(flats: list[Tensor], spec: HistogramSpec) -> Tensor:
+    """``(len(flats), spec.num_bins)`` int64 counts: see :class:`~lightning_gradflow.stats.HistogramSpec`."""
+    device = flats[0].device
+    acc = _accumulation_dtype(flats[0].dtype)
+    chunk = _chunk_size(device)
+    bins = spec.num_bins
+    out = torch.zeros(len(flats) * bins, dtype=torch.long, device=device)
+    for batch in _iter_batches(flats, chunk):
+        values = _batch_values(flats, batch, acc)
+        flat_index = _batch_owner(batch, device) * bins + bucket_index(values, spec)
+        if device.type == "cpu":
+            out += torch.bincount(flat_index, minlength=out.numel())
+        else:  # bincount reads the largest index back to the host; scatter_add does not
+            out.scatter_add_(0, flat_index, torch.ones_like(flat_index))
+    return out.view(len(flats), bins)

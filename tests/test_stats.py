@@ -1,0 +1,216 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_stats_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import tensor_lists, tensors
+
+from lightning_gradflow.stats import Stat, TensorStats, tensor_stats
+from lightning_gradflow.stats import torch_backend as tb
+
+BACKENDS = ["torch"]  # the Triton backend has its own test module (interpreter on CPU)
+
+
+def reference(ts: list[torch.Tensor]) -> torch.Tensor:
+    return tensor_stats(ts, backend="reference").table
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of 256 elements, packing below 64: every path (slices, packs, merges) on small inputs."""
+    monkeypatch.setattr(tb, "CHUNK", 256)
+    monkeypatch.setattr(tb, "PACK_BELOW", 64)
+    tb._plan.cache_clear()
+    yield
+    tb._plan.cache_clear()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=60, deadline=None)
+@given(ts=tensor_lists())
+def test_matches_reference(backend: str, ts: list[torch.Tensor]) -> None:
+    assert_stats_close(tensor_stats(ts, backend=backend).table, reference(ts), ts)
+
+
+@pytest.mark.usefixtures("small_chunks")
+@settings(max_examples=40, deadline=None)
+@given(ts=tensor_lists(max_size=12))
+def test_matches_reference_across_batches(ts: list[torch.Tensor]) -> None:
+    assert_stats_close(tensor_stats(ts, backend="torch").table, reference(ts), ts)
+
+
+@settings(max_examples=20, deadline=None)
+@given(t=tensors(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_inputs_are_not_modified(t: torch.Tensor, dtype: torch.dtype) -> None:
+    ts = [t, t.to(dtype)]
+    before = [x.clone() for x in ts]
+    tensor_stats(ts, backend="torch")
+    for x, y in zip(ts, before, strict=True):
+        assert torch.equal(x.nan_to_num(), y.nan_to_num()) and torch.equal(x.isnan(), y.isnan())
+
+
+def test_known_values() -> None:
+    nan, inf = float("nan"), float("inf")
+    ts = [torch.tensor([3.0, -4.0, 0.0, -0.0]), torch.tensor([nan, 2.0, -inf, inf]), torch.empty(0), torch.tensor([7.0])]
+    for backend in ["torch", "reference"]:
+        s = tensor_stats(ts, backend=backend)
+        expected = torch.tensor(
+            [[25.0, 4.0, -1.0, 0.0, 2.0, 4.0], [4.0, 2.0, 2.0, 3.0, 0.0, 4.0], [0.0] * 6, [49.0, 7.0, 7.0, 0.0, 0.0, 1.0]]
+        )
+        torch.testing.assert_close(s.table, expected, rtol=0, atol=0)
+        torch.testing.assert_close(s.norm, torch.tensor([5.0, 2.0, 0.0, 7.0]))
+        torch.testing.assert_close(s.rms, torch.tensor([2.5, 2.0, 0.0, 7.0]))  # over the finite values
+        torch.testing.assert_close(s.mean, torch.tensor([-0.25, 2.0, 0.0, 7.0]))
+        torch.testing.assert_close(s.zero_fraction, torch.tensor([0.5, 0.0, 0.0, 0.0]))
+        torch.testing.assert_close(s.total_norm(), torch.tensor((25.0 + 4.0 + 49.0) ** 0.5))
+
+
+def test_one_nan_does_not_blank_the_rest() -> None:
+    x = torch.randn(100_000)
+    y = x.clone()
+    y[12345] = float("nan")
+    s = tensor_stats([x, y], backend="torch")
+    finite = torch.cat([y[:12345], y[12346:]])
+    torch.testing.assert_close(s.sumsq[1], finite.double().square().sum().float(), rtol=1e-5, atol=0)
+    assert float(s.nonfinite[1]) == 1.0 and float(s.nonfinite[0]) == 0.0
+
+
+def test_many_tiny_tensors_and_one_huge() -> None:
+    gen = torch.Generator().manual_seed(0)
+    tiny = [torch.randn(int(n), generator=gen) for n in torch.randint(0, 9, (1000,), generator=gen)]
+    huge = torch.randn(5_000_000, generator=gen)
+    huge[::1000] = 0.0
+    huge[4_999_999] = float("inf")
+    ts = [*tiny, huge]
+    assert_stats_close(tensor_stats(ts, backend="torch").table, reference(ts), ts)
+
+
+def test_large_tensor_sum_of_squares_is_accurate() -> None:
+    # torch._foreach_norm on CPU loses ~1e-3 here (one float32 accumulator per lane); the engine must not.
+    x = torch.randn(20_000_000, generator=torch.Generator().manual_seed(1))
+    exact = x.double().square().sum()
+    s = tensor_stats([x], backend="torch")
+    assert abs(float(s.sumsq[0]) / float(exact) - 1) < 1e-6
+
+
+def test_mixed_dtypes_keep_input_order() -> None:
+    ts = [torch.randn(5).to(dt) for dt in [torch.float16, torch.float32, torch.bfloat16, torch.float64, torch.float32]]
+    s = tensor_stats(ts, backend="torch")
+    assert_stats_close(s.table, reference(ts), ts)
+    assert s.table.dtype == torch.float32
+
+
+def test_parameters_with_requires_grad() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    s = tensor_stats(list(model.parameters()), backend="torch")
+    assert not s.table.requires_grad
+    assert s.table.shape == (4, 6)
+
+
+def test_empty_list() -> None:
+    s = tensor_stats([], backend="torch")
+    assert s.table.shape == (0, 6) and len(s) == 0
+    assert float(s.total_norm()) == 0.0
+
+
+def test_generator_input() -> None:
+    model = torch.nn.Linear(3, 3)
+    assert len(tensor_stats(p.detach() for p in model.parameters())) == 2
+
+
+# ------------------------------------------------------------------------------------------- combining statistics
+
+
+@settings(max_examples=30, deadline=None)
+@given(t=tensors(max_numel=2000, dtypes=[torch.float32, torch.float64]), parts=st.integers(1, 5))
+def test_combining_shards_equals_the_whole(t: torch.Tensor, parts: int) -> None:
+    flat = t.reshape(-1)
+    shards = list(flat.tensor_split(parts))
+    combined = TensorStats.combine([tensor_stats([s], backend="torch") for s in shards])
+    assert_stats_close(combined.table, reference([t]), [t])
+
+
+def test_reduce_rows_merges_layers_exactly() -> None:
+    ts = [torch.randn(10), torch.tensor([5.0, float("nan")]), torch.randn(3, 3) * 10, torch.zeros(4)]
+    s = tensor_stats(ts, backend="torch")
+    merged = s.reduce_rows(torch.tensor([0, 0, 1, 1]), 2)
+    layer0 = tensor_stats([torch.cat([ts[0], ts[1]])], backend="reference").table
+    layer1 = tensor_stats([torch.cat([ts[2].reshape(-1), ts[3]])], backend="reference").table
+    assert_stats_close(merged.table, torch.cat([layer0, layer1]), [ts[0], ts[2]])
+
+
+def test_combine_rejects_mismatched_parts() -> None:
+    with pytest.raises(ValueError, match="same table shape"):
+        TensorStats.combine([tensor_stats([torch.ones(2)]), tensor_stats([torch.ones(2), torch.ones(3)])])
+    with pytest.raises(ValueError, match="at least one"):
+        TensorStats.combine([])
+
+
+def test_to_host_is_identity_on_cpu() -> None:
+    s = tensor_stats([torch.ones(3)])
+    assert s.to_host() is s
+
+
+def test_table_shape_is_checked() -> None:
+    with pytest.raises(ValueError, match="table"):
+        TensorStats(torch.zeros(3, 4))
+
+
+def test_stat_columns() -> None:
+    assert [s.name for s in Stat] == ["SUMSQ", "ABSMAX", "SUM", "NONFINITE", "ZEROS", "NUMEL"]
+
+
+# ------------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "match"),
+    [
+        ([torch.ones(2), "grad"], TypeError, r"`tensors\[1\]` to be a torch.Tensor, but got str"),
+        ([torch.ones(2, dtype=torch.int64)], TypeError, r"floating-point dtype.*torch.int64"),
+        ([torch.ones(2, dtype=torch.complex64)], TypeError, r"floating-point dtype.*torch.complex64"),
+        ([torch.ones(2, device="meta")], ValueError, "meta device"),
+        ([torch.ones(2).to_sparse()], TypeError, "dense"),
+        (torch.ones(3), TypeError, r"single Tensor.*Wrap it in a list"),
+        (3, TypeError, "sequence of tensors, but got int"),
+    ],
+)
+def test_bad_input_names_the_argument(bad: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        tensor_stats(bad, backend="torch")  # type: ignore[arg-type]
+
+
+def test_unknown_backend() -> None:
+    with pytest.raises(ValueError, match=r"`backend` to be one of .* but got 'cuda'"):
+        tensor_stats([torch.ones(1)], backend="cuda")  # type: ignore[arg-type]
+
+
+def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_gradflow.stats import _common
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_common, "triton_importable", lambda: True)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        _common.resolve_backend("triton", torch.device("cpu"))
+    monkeypatch.setattr(_common, "triton_importable", lambda: False)
+    with pytest.raises(RuntimeError, match=r"pip install 'lightning_gradflow\[triton\]'"):
+        _common.resolve_backend("triton", torch.device("cpu"))
+    assert _common.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_package_imports_without_triton() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from lightning_gradflow.stats import tensor_stats\n"
+        "from lightning_gradflow.stats._common import triton_importable\n"
+        "assert not triton_importable()\n"
+        "print(tensor_stats([torch.ones(4)]).table.tolist())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "[[4.0, 1.0, 4.0, 0.0, 0.0, 4.0]]" in out.stdout
