@@ -70,7 +70,9 @@ def test_tensorboard_raw_round_trip(tmp_path: object) -> None:
     h = tensor_histograms([x])
     raw = tensorboard_histogram(h.total(), h.spec, stats=tensor_stats([x]))
     assert raw["num"] == 9_999  # the NaN is left out
-    assert raw["bucket_limits"] == sorted(raw["bucket_limits"]) and len(raw["bucket_limits"]) == len(raw["bucket_counts"])
+    assert raw["bucket_limits"] == sorted(raw["bucket_limits"]) and len(raw["bucket_limits"]) == len(
+        raw["bucket_counts"]
+    )
     assert raw["min"] >= -float(x.nan_to_num().abs().max()) and raw["max"] <= float(x.nan_to_num().abs().max())
     torch.testing.assert_close(torch.tensor(raw["sum_squares"]), x.nan_to_num().square().sum(), rtol=1e-5, atol=0)
     writer = SummaryWriter(str(tmp_path))

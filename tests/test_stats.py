@@ -53,11 +53,21 @@ def test_inputs_are_not_modified(t: torch.Tensor, dtype: torch.dtype) -> None:
 
 def test_known_values() -> None:
     nan, inf = float("nan"), float("inf")
-    ts = [torch.tensor([3.0, -4.0, 0.0, -0.0]), torch.tensor([nan, 2.0, -inf, inf]), torch.empty(0), torch.tensor([7.0])]
+    ts = [
+        torch.tensor([3.0, -4.0, 0.0, -0.0]),
+        torch.tensor([nan, 2.0, -inf, inf]),
+        torch.empty(0),
+        torch.tensor([7.0]),
+    ]
     for backend in ["torch", "reference"]:
         s = tensor_stats(ts, backend=backend)
         expected = torch.tensor(
-            [[25.0, 4.0, -1.0, 0.0, 2.0, 4.0], [4.0, 2.0, 2.0, 3.0, 0.0, 4.0], [0.0] * 6, [49.0, 7.0, 7.0, 0.0, 0.0, 1.0]]
+            [
+                [25.0, 4.0, -1.0, 0.0, 2.0, 4.0],
+                [4.0, 2.0, 2.0, 3.0, 0.0, 4.0],
+                [0.0] * 6,
+                [49.0, 7.0, 7.0, 0.0, 0.0, 1.0],
+            ]
         )
         torch.testing.assert_close(s.table, expected, rtol=0, atol=0)
         torch.testing.assert_close(s.norm, torch.tensor([5.0, 2.0, 0.0, 7.0]))

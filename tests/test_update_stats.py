@@ -84,7 +84,9 @@ def test_transposed_parameters_pair_elementwise() -> None:
 
 def test_reduce_rows_sums_layers() -> None:
     stats = UpdateStats(torch.tensor([[1.0, 4.0], [3.0, 5.0], [2.0, 2.0]]))
-    torch.testing.assert_close(stats.reduce_rows(torch.tensor([0, 0, 1]), 2).table, torch.tensor([[4.0, 9.0], [2.0, 2.0]]))
+    torch.testing.assert_close(
+        stats.reduce_rows(torch.tensor([0, 0, 1]), 2).table, torch.tensor([[4.0, 9.0], [2.0, 2.0]])
+    )
 
 
 def test_bad_input() -> None:

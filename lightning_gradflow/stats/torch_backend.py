@@ -87,11 +87,19 @@ def _chunk_size(device: torch.device) -> int:
     return CHUNK if device.type == "cpu" else DEVICE_CHUNK
 
 
-def _batch_values(flats: list[Tensor], batch: _Batch, acc: torch.dtype) -> Tensor:
-    """The batch's values as one 1-D tensor of the accumulation dtype (a view when no copy is needed)."""
+def _batch_values(flats: list[Tensor], batch: _Batch, acc: torch.dtype, convert: Tensor | None = None) -> Tensor:
+    """The batch's values as one 1-D tensor of the accumulation dtype (a view when no copy is needed).
+
+    A slice that must change dtype is converted into ``convert`` when given (a reused buffer).
+    """
     parts = [flats[i][start : start + n] for i, start, n in batch.pieces]
-    values = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return values.to(acc)
+    if len(parts) > 1:
+        return torch.cat(parts).to(acc)
+    if parts[0].dtype == acc:
+        return parts[0]
+    if convert is not None:
+        return convert[: parts[0].numel()].copy_(parts[0])
+    return parts[0].to(acc)
 
 
 @functools.lru_cache(maxsize=256)
@@ -118,24 +126,24 @@ def _masked(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(finite, x, 0.0), (~finite).to(x.dtype)
 
 
-def _slice_stats(x: Tensor, masked: bool) -> Tensor:
-    """The six statistics of one 1-D tensor as a ``(NUM_STATS,)`` tensor of ``x.dtype``."""
-    if x.numel() == 0:
-        return torch.zeros(NUM_STATS, dtype=x.dtype, device=x.device)
-    absx = x.abs()
+def _slice_stats(x: Tensor, masked: bool, scratch: Tensor) -> Tensor:
+    """The six statistics of one 1-D tensor as a ``(NUM_STATS,)`` tensor of ``x.dtype``.
+
+    ``scratch`` (at least ``x.numel()`` elements of ``x.dtype``) is reused for every temporary: a fresh multi-MiB
+    buffer per batch would cost the operating system's page faults on every step.
+    """
+    absx = torch.abs(x, out=scratch[: x.numel()])
     absmax = absx.amax()
     if not masked and x.device.type == "cpu" and not math.isfinite(absmax):
         masked = True
-    zeros = torch.eq(x, 0, out=absx).sum() if not masked else (x == 0).sum().to(x.dtype)
+    zeros = torch.eq(x, 0, out=absx).sum()  # counted before masking: a NaN is not a zero
     if masked:
         x, nonfinite_flags = _masked(x)
         absmax = x.abs().amax()
         nonfinite = nonfinite_flags.sum()
-        scratch = torch.empty_like(x)
     else:
         nonfinite = torch.zeros((), dtype=x.dtype, device=x.device)
-        scratch = absx  # |x| is no longer needed: reuse its memory
-    sumsq = torch.mul(x, x, out=scratch).sum()
+    sumsq = torch.mul(x, x, out=absx).sum()
     numel = torch.full((), x.numel(), dtype=x.dtype, device=x.device)
     return torch.stack([sumsq, absmax, x.sum(), nonfinite, zeros, numel])
 
@@ -180,11 +188,14 @@ def tensor_stats_rows(flats: list[Tensor]) -> Tensor:
     acc = _accumulation_dtype(flats[0].dtype)
     chunk = _chunk_size(device)
     masked = device.type != "cpu"
+    largest = max(t.numel() for t in flats)
+    scratch = torch.empty(min(chunk, largest), dtype=acc, device=device)
+    convert = torch.empty_like(scratch) if flats[0].dtype != acc and largest >= PACK_BELOW else None
     rows = []
     for batch in _iter_batches(flats, chunk):
-        values = _batch_values(flats, batch, acc)
+        values = _batch_values(flats, batch, acc, convert)
         if len(batch.pieces) == 1:
-            rows.append(_slice_stats(values, masked).unsqueeze(0))
+            rows.append(_slice_stats(values, masked, scratch).unsqueeze(0))
         else:
             rows.append(_packed_stats(values, batch, masked))
     if not rows:  # only empty tensors
