@@ -1,0 +1,5 @@
+"""The Lightning callbacks: thin stateful shells over the pure functions of the package."""
+
+from lightning_gradflow.callbacks.gradient_flow import GradientFlowCallback
+
+__all__ = ["GradientFlowCallback"]
