@@ -75,7 +75,8 @@ class ZScoreClipper:
         self.mean = torch.where(finite, new_mean, self.mean)
         self.var = torch.where(finite, new_var, self.var)
         self.steps += 1
-        return self._cap(clipped)
+        # a non-finite norm (skipped, never scaled) reports the bound above which clipping starts
+        return self._cap(torch.where(finite, clipped, self.mean + self.z_threshold * std))
 
     def _cap(self, threshold: Tensor) -> Tensor:
         return threshold if self.max_norm is None else threshold.clamp(max=self.max_norm)
