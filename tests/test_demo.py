@@ -14,11 +14,12 @@ from lightning.pytorch.loggers import Logger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from lightning_gradflow.demo import _EngineStatsLogger, main
+from lightning_gradflow import GradientFlowCallback
+from lightning_gradflow.demo import main
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("embed", "lstm/0", "lstm/1", "head")
-PER_LAYER = ("grad_norm", "grad_rms", "grad_absmax", "grad_zero_fraction", "weight_norm", "update_ratio")
+PER_LAYER = ("grad_norm", "grad_rms", "grad_absmax", "zero_fraction", "weight_norm", "update_ratio", "flow_ratio")
 
 
 @pytest.fixture(scope="module")
@@ -54,21 +55,21 @@ def test_demo_logs_engine_scalars_for_every_layer(demo_run: tuple[int, Path, str
     _, out, _ = demo_run
     acc = _accumulator(out)
     scalars = set(acc.Tags()["scalars"])
-    expected = {f"engine/{name}/{layer}" for name in PER_LAYER for layer in LAYERS}
-    expected |= {"engine/grad_norm_total", "engine/nonfinite_grads"}
+    expected = {f"gradflow/{name}/{layer}" for name in PER_LAYER for layer in LAYERS}
+    expected |= {"gradflow/grad_norm_total", "gradflow/nonfinite_grads"}
     assert expected <= scalars, sorted(expected - scalars)
 
     for tag in expected:
         events = acc.Scalars(tag)
-        assert [e.step for e in events] == [0, 10, 20], tag  # global_step % log_every_n_steps == 0
+        assert [e.step for e in events] == [9, 19], tag  # on Lightning's logging steps
         assert all(math.isfinite(e.value) for e in events), tag
     for layer in LAYERS:
-        assert all(0 <= e.value <= 1 for e in acc.Scalars(f"engine/grad_zero_fraction/{layer}")), layer
-    assert all(e.value == 0 for e in acc.Scalars("engine/nonfinite_grads"))
-    assert all(e.value > 0 for layer in LAYERS for e in acc.Scalars(f"engine/update_ratio/{layer}"))
+        assert all(0 <= e.value <= 1 for e in acc.Scalars(f"gradflow/zero_fraction/{layer}")), layer
+    assert all(e.value == 0 for e in acc.Scalars("gradflow/nonfinite_grads"))
+    assert all(e.value > 0 for layer in LAYERS for e in acc.Scalars(f"gradflow/update_ratio/{layer}"))
 
-    for i, total in enumerate(acc.Scalars("engine/grad_norm_total")):
-        per_layer = [acc.Scalars(f"engine/grad_norm/{layer}")[i].value for layer in LAYERS]
+    for i, total in enumerate(acc.Scalars("gradflow/grad_norm_total")):
+        per_layer = [acc.Scalars(f"gradflow/grad_norm/{layer}")[i].value for layer in LAYERS]
         assert total.value == pytest.approx(math.sqrt(sum(v * v for v in per_layer)), rel=1e-4)
 
 
@@ -76,10 +77,10 @@ def test_demo_writes_gradient_histograms(demo_run: tuple[int, Path, str]) -> Non
     _, out, _ = demo_run
     acc = _accumulator(out)
     histograms = set(acc.Tags()["histograms"])
-    assert {f"engine/grad_hist/{layer}" for layer in LAYERS} <= histograms
+    assert {f"gradflow/grad_hist/{layer}" for layer in LAYERS} <= histograms
     for layer in LAYERS:
-        events = acc.Histograms(f"engine/grad_hist/{layer}")
-        assert [e.step for e in events] == [0, 10, 20]
+        events = acc.Histograms(f"gradflow/grad_hist/{layer}")
+        assert [e.step for e in events] == [9, 19]
         h = events[0].histogram_value
         assert h.num > 0
         assert sum(h.bucket) == h.num
@@ -122,10 +123,10 @@ class _PartlyUnusedModel(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_stats_logger_skips_missing_gradients(tmp_path: Path) -> None:
+def test_layers_without_gradients_are_skipped(tmp_path: Path) -> None:
     data = torch.utils.data.TensorDataset(torch.randn(16, 4))
     recorder = _RecordingLogger()
-    callback = _EngineStatsLogger(log_every_n_steps=2, histogram_every_n_steps=0)
+    callback = GradientFlowCallback(log_every_n_steps=2, histogram_every_n_steps=0, figure_every_n_steps=0)
     trainer = Trainer(
         accelerator="cpu",
         max_steps=5,
@@ -139,16 +140,14 @@ def test_stats_logger_skips_missing_gradients(tmp_path: Path) -> None:
     )
     trainer.fit(_PartlyUnusedModel(), torch.utils.data.DataLoader(data, batch_size=4))
 
-    rows = [(step, m) for step, m in recorder.rows if any(k.startswith("engine/") for k in m)]
-    assert [step for step, _ in rows] == [0, 2, 4]
-    assert callback.layer_names == ["used", "unused"]  # frozen parameters are not tracked
+    rows = [(step, m) for step, m in recorder.rows if any(k.startswith("gradflow/") for k in m)]
+    assert [step for step, _ in rows] == [1, 3]
+    assert callback.layers == ["used", "unused"]  # frozen parameters are not tracked; unused ones go last
     for _, metrics in rows:
-        assert "engine/grad_norm/used" in metrics
-        assert not any(k.startswith("engine/grad_") and k.endswith("/unused") for k in metrics)
-        assert metrics["engine/weight_norm/unused"] > 0
-        assert metrics["engine/update_ratio/unused"] == 0
-        assert metrics["engine/update_ratio/used"] > 0
-        assert metrics["engine/grad_norm_total"] == pytest.approx(metrics["engine/grad_norm/used"], rel=1e-6)
+        assert "gradflow/grad_norm/used" in metrics
+        assert not any(k.endswith("/unused") for k in metrics)
+        assert metrics["gradflow/update_ratio/used"] > 0
+        assert metrics["gradflow/grad_norm_total"] == pytest.approx(metrics["gradflow/grad_norm/used"], rel=1e-6)
 
 
 def test_engine_stats_example_runs() -> None:

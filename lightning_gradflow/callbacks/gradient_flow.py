@@ -217,6 +217,7 @@ class GradientFlowCallback(Callback):
             self.clipper = PercentileClipper(percentile, percentile_window)
         self.interventions: list[Intervention] = []
         self.layers: list[str] = []  # depth order, input side first
+        self.last_metrics: dict[str, float] = {}  # the most recent logged metrics
         self.skipped_steps = 0
         self._layer_of: dict[int, str] = {}  # id(param) -> layer
         self._ready: list[str] = []
@@ -508,6 +509,7 @@ class GradientFlowCallback(Callback):
         self._record_window(item.step, scalars, steps_in_window)
         if item.log:
             metrics = self._metrics(item, host, layer_stats, present, scalars, len(vanishing), len(exploding))
+            self.last_metrics = metrics
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=item.step)
         self._write_tensorboard(trainer, item, host, layer_stats, present, set(vanishing), set(exploding))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -12,22 +13,14 @@ from torch import Tensor
 
 from lightning_gradflow.stats._common import group_indices, resolve_backend
 
+_BACKEND_MODULES = {"torch": "torch_backend", "reference": "reference", "triton": "triton_kernels"}
+
 
 def backend_module(name: str) -> ModuleType:
     """The module implementing a concrete backend; Triton's is imported only here, on first use."""
-    if name == "torch":
-        from lightning_gradflow.stats import torch_backend
-
-        return torch_backend
-    if name == "reference":
-        from lightning_gradflow.stats import reference
-
-        return reference
-    if name == "triton":
-        from lightning_gradflow.stats import triton_kernels
-
-        return triton_kernels
-    raise ValueError(f"Unknown statistics backend {name!r}.")  # resolve_backend() has already checked user input
+    if name not in _BACKEND_MODULES:  # resolve_backend() has already checked user input
+        raise ValueError(f"Unknown statistics backend {name!r}.")
+    return importlib.import_module(f"lightning_gradflow.stats.{_BACKEND_MODULES[name]}")
 
 
 @functools.lru_cache(maxsize=256)
