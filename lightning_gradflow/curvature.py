@@ -1,0 +1,531 @@
+"""Loss-landscape curvature from Hessian-vector products: eigenvalues, trace, and sharpness measures.
+
+Pure functions over a loss closure and a list of parameters; no Lightning. ``loss_fn()`` must recompute the loss from
+the current parameter values (it is called at perturbed weights). Use :func:`isolated` around any of these to leave
+training undisturbed: it restores weights, ``.grad``, buffers (BatchNorm running statistics) and the RNG states, and
+fixes the dropout masks within one estimate so every evaluation sees the same function of the weights.
+
+Hessian-vector products (:class:`HessianVectorProduct`):
+
+* ``"double_backward"`` (default): exact, builds the gradient graph once and differentiates it again per product;
+* ``"finite_difference"``: central differences of two gradients, ``ε = ε_dtype^(1/3) · (1 + ‖w‖)``; runs the same
+  kernels as training (cuDNN RNNs and fused attention have no double backward) and keeps no graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+LossFn = Callable[[], Tensor]
+HvpMethod = Literal["double_backward", "finite_difference"]
+
+
+def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unflat(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    out, offset = [], 0
+    for t in like:
+        out.append(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
+@contextlib.contextmanager
+def isolated(module: nn.Module | None, params: Sequence[Tensor], seed: int = 0) -> Iterator[None]:
+    """Runs curvature probes without a trace on training.
+
+    Saves and restores, bit for bit: the parameter values, their ``.grad``, every buffer of ``module`` (BatchNorm
+    running statistics and counters) and the CPU/CUDA random number generator states. Inside, the global RNG is
+    seeded with ``seed`` so dropout draws the same masks in each :func:`fixed_dropout` evaluation.
+
+    Args:
+        module: the model whose buffers are saved (``None``: none).
+        params: the parameters that will be perturbed.
+        seed: seed of the probe's own random stream.
+    """
+    values = [p.detach().clone() for p in params]
+    grads = [None if p.grad is None else p.grad.clone() for p in params]
+    buffers = [] if module is None else [(b, b.detach().clone()) for b in module.buffers()]
+    devices = sorted({p.device.index for p in params if p.device.type == "cuda" and p.device.index is not None})
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        try:
+            with torch.enable_grad():
+                yield
+        finally:
+            for p, v, g in zip(params, values, grads, strict=True):
+                p.copy_(v)
+                p.grad = g
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
+def fixed_dropout(loss_fn: LossFn, seed: int) -> LossFn:
+    """``loss_fn`` with the RNG re-seeded before every call: dropout masks are the same at every evaluation point.
+
+    This makes the loss one deterministic function of the weights within an estimate (the documented choice: the
+    curvature of the training loss *with* a dropout mask, not of the eval-mode network).
+    """
+
+    def wrapped() -> Tensor:
+        torch.manual_seed(seed)
+        return loss_fn()
+
+    return wrapped
+
+
+class HessianVectorProduct:
+    """``v ↦ H v`` for the Hessian of ``loss_fn`` with respect to ``params``, on flat vectors.
+
+    Args:
+        loss_fn: recomputes the loss from the current parameter values.
+        params: the parameters (``requires_grad=True``).
+        method: ``"double_backward"`` or ``"finite_difference"``.
+        eps: finite-difference step relative to ``1 + ‖w‖`` (default ``finfo(dtype).eps ** (1/3)``).
+
+    Attributes:
+        num_products: products computed so far (the unit of cost of every estimator here).
+    """
+
+    def __init__(
+        self, loss_fn: LossFn, params: Sequence[Tensor], method: HvpMethod = "double_backward", eps: float | None = None
+    ) -> None:
+        if method not in ("double_backward", "finite_difference"):
+            raise ValueError(f"Expected `method` to be 'double_backward' or 'finite_difference', but got {method!r}.")
+        if not params:
+            raise ValueError("Expected at least one parameter in `params`, but got none.")
+        self.loss_fn = loss_fn
+        self.params = list(params)
+        self.method = method
+        self.num_products = 0
+        self.dim = sum(p.numel() for p in self.params)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self._grads: tuple[Tensor, ...] | None = None
+        if method == "finite_difference":
+            base = eps if eps is not None else torch.finfo(self.dtype).eps ** (1 / 3)
+            norm = float(torch.linalg.vector_norm(_flat([p.detach() for p in self.params])))
+            self.eps = base * (1 + norm)
+
+    def gradient(self) -> Tensor:
+        """The flat gradient at the current weights (one extra forward/backward, no graph kept)."""
+        with torch.enable_grad():
+            grads = torch.autograd.grad(self.loss_fn(), self.params, allow_unused=True)
+        return _flat([torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads, strict=True)])
+
+    def __call__(self, v: Tensor) -> Tensor:
+        """``H v`` for a flat vector ``v`` (same dtype and device as the parameters)."""
+        self.num_products += 1
+        if self.method == "double_backward":
+            return self._double_backward(v)
+        return self._finite_difference(v)
+
+    def _double_backward(self, v: Tensor) -> Tensor:
+        with torch.enable_grad():
+            if self._grads is None:
+                loss = self.loss_fn()
+                self._grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            used = [(g, p, vi) for g, p, vi in zip(self._grads, self.params, _unflat(v, self.params), strict=True)]
+            outputs = [g for g, _, _ in used if g is not None]
+            inputs = [vi for g, _, vi in used if g is not None]
+            hv = torch.autograd.grad(outputs, self.params, grad_outputs=inputs, retain_graph=True, allow_unused=True)
+        return _flat([torch.zeros_like(p) if h is None else h.detach() for p, h in zip(self.params, hv, strict=True)])
+
+    def _finite_difference(self, v: Tensor) -> Tensor:
+        norm = float(torch.linalg.vector_norm(v))
+        if norm == 0:
+            return torch.zeros_like(v)
+        step = self.eps / norm
+        saved = [p.detach().clone() for p in self.params]
+        try:
+            self._shift(v, step)
+            plus = self.gradient()
+            self._restore(saved)
+            self._shift(v, -step)
+            minus = self.gradient()
+        finally:
+            self._restore(saved)
+        return (plus - minus) / (2 * step)
+
+    def _shift(self, v: Tensor, step: float) -> None:
+        with torch.no_grad():
+            for p, d in zip(self.params, _unflat(v, self.params), strict=True):
+                p.add_(d, alpha=step)
+
+    def _restore(self, saved: list[Tensor]) -> None:
+        with torch.no_grad():
+            for p, s in zip(self.params, saved, strict=True):
+                p.copy_(s)
+
+    def release(self) -> None:
+        """Frees the retained double-backward graph."""
+        self._grads = None
+
+
+# ---------------------------------------------------------------------------------------------------- eigenvalues
+
+
+def _random_unit(dim: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    v = torch.randn(dim, dtype=dtype, device="cpu", generator=generator).to(device)
+    return v / torch.linalg.vector_norm(v)
+
+
+def lanczos(
+    matvec: Callable[[Tensor], Tensor],
+    dim: int,
+    num_steps: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Ritz values of a symmetric operator after ``num_steps`` Lanczos steps (one product each), ascending.
+
+    Full reorthogonalisation (twice, against every previous vector) keeps the basis orthogonal in floating point,
+    so the extreme Ritz values converge without ghost copies; the basis costs ``num_steps × dim`` memory.
+    """
+    device = torch.device(device)
+    q = _random_unit(dim, dtype, device, generator)
+    basis: list[Tensor] = []
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
+    for _ in range(min(num_steps, dim)):
+        basis.append(q)
+        w = matvec(q)
+        alpha = torch.dot(w, q)
+        alphas.append(alpha)
+        q_matrix = torch.stack(basis)
+        for _ in range(2):
+            w = w - q_matrix.t() @ (q_matrix @ w)
+        beta = torch.linalg.vector_norm(w)
+        if float(beta) <= 1e-10 * max(1.0, float(alpha.abs())):  # an invariant subspace: the Ritz values are exact
+            break
+        betas.append(beta)
+        q = w / beta
+    k = len(alphas)
+    tridiagonal = torch.diag(torch.stack(alphas).double())
+    if k > 1:
+        off = torch.stack(betas[: k - 1]).double()
+        tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+    return torch.linalg.eigvalsh(tridiagonal)
+
+
+def power_iteration(
+    matvec: Callable[[Tensor], Tensor],
+    dim: int,
+    max_steps: int,
+    *,
+    tol: float = 1e-3,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The eigenvalue of largest magnitude by power iteration, stopping at relative change < ``tol`` (PyHessian).
+
+    Kept for comparison: it converges slowly when the spectral gap is small, and returns the largest ``|λ|`` —
+    which early in training can be a negative eigenvalue.
+    """
+    v = _random_unit(dim, dtype, torch.device(device), generator)
+    value = torch.zeros((), dtype=torch.float64)
+    for i in range(max_steps):
+        w = matvec(v)
+        new = torch.dot(w, v).double().cpu()
+        norm = torch.linalg.vector_norm(w)
+        if float(norm) == 0:
+            return new
+        v = w / norm
+        if i > 0 and abs(float(new - value)) < tol * (abs(float(value)) + 1e-6):
+            return new
+        value = new
+    return value
+
+
+def hessian_eigenvalues(
+    loss_fn: LossFn,
+    params: Sequence[Tensor],
+    k: int = 1,
+    which: Literal["largest", "smallest", "both"] = "largest",
+    *,
+    method: Literal["lanczos", "power"] = "lanczos",
+    num_hvps: int = 20,
+    hvp: HvpMethod = "double_backward",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Extreme eigenvalues of the Hessian of ``loss_fn`` at ``params``, as a 1-D float64 tensor sorted descending.
+
+    Args:
+        loss_fn: recomputes the loss from the current parameters.
+        params: the parameters.
+        k: how many eigenvalues from each requested end.
+        which: ``"largest"`` (the top ``k``), ``"smallest"`` (the bottom ``k``) or ``"both"`` (``2k`` values).
+        method: ``"lanczos"`` (default; both ends from one run) or ``"power"`` (largest ``|λ|`` only, ``k=1``).
+        num_hvps: Hessian-vector products to spend (Lanczos steps, or the power-iteration cap).
+        hvp: how products are computed (see :class:`HessianVectorProduct`).
+        generator: random stream of the start vector (use your own so training's RNG is untouched).
+
+    Example::
+
+        >>> import torch
+        >>> w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> loss = lambda: 3 * w[0] ** 2 + 0.5 * w[1] ** 2 - w[0] * w[1]  # Hessian [[6, -1], [-1, 1]]
+        >>> hessian_eigenvalues(loss, [w], which="both").tolist()
+        [6.192582403567252, 0.8074175964327477]
+    """
+    if which not in ("largest", "smallest", "both"):
+        raise ValueError(f"Expected `which` to be 'largest', 'smallest' or 'both', but got {which!r}.")
+    if k < 1:
+        raise ValueError(f"Expected `k` >= 1, but got {k}.")
+    if num_hvps < 1:
+        raise ValueError(f"Expected `num_hvps` >= 1, but got {num_hvps}.")
+    op = HessianVectorProduct(loss_fn, params, hvp)
+    try:
+        if method == "power":
+            if k != 1 or which != "largest":
+                raise ValueError("`method='power'` finds only the eigenvalue of largest magnitude: use k=1, 'largest'.")
+            value = power_iteration(op, op.dim, num_hvps, dtype=op.dtype, device=op.device, generator=generator)
+            return value.reshape(1)
+        if method != "lanczos":
+            raise ValueError(f"Expected `method` to be 'lanczos' or 'power', but got {method!r}.")
+        ritz = lanczos(op, op.dim, num_hvps, dtype=op.dtype, device=op.device, generator=generator)
+    finally:
+        op.release()
+    descending = ritz.flip(0).cpu()
+    k = min(k, len(descending))
+    if which == "largest":
+        return descending[:k]
+    if which == "smallest":
+        return descending[-k:]
+    return torch.cat([descending[:k], descending[-k:]]) if len(descending) > k else descending
+
+
+# --------------------------------------------------------------------------------------------------------- trace
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    """A stochastic trace estimate with its standard error (never a bare point estimate)."""
+
+    value: float
+    stderr: float
+    num_hvps: int
+
+    def interval(self, z: float = 1.96) -> tuple[float, float]:
+        """The ``value ± z·stderr`` band (95 % for the default ``z``)."""
+        return self.value - z * self.stderr, self.value + z * self.stderr
+
+
+def _rademacher(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator | None) -> Tensor:
+    return torch.randint(0, 2, shape, generator=generator).to(dtype) * 2 - 1
+
+
+def hessian_trace(
+    loss_fn: LossFn,
+    params: Sequence[Tensor],
+    num_hvps: int = 30,
+    *,
+    method: Literal["hutchpp", "hutchinson"] = "hutchpp",
+    hvp: HvpMethod = "double_backward",
+    generator: torch.Generator | None = None,
+) -> TraceEstimate:
+    """Trace of the Hessian by Hutch++ (Meyer et al. 2021) or Hutchinson, with a standard error.
+
+    Hutch++ spends a third of the products on a sketch ``Q`` of the dominant subspace, takes ``tr(QᵀHQ)`` exactly (a
+    third), and estimates the rest with Hutchinson on ``(I − QQᵀ)`` (the last third); the standard error is that of
+    the Hutchinson part (the sample standard deviation over √samples). With a few dominant eigenvalues — the usual
+    Hessian spectrum — it is far more accurate than Hutchinson for the same budget.
+
+    Args:
+        loss_fn: recomputes the loss.
+        params: the parameters.
+        num_hvps: products to spend (Hutch++ needs at least 3).
+        method: ``"hutchpp"`` or ``"hutchinson"``.
+        hvp: how products are computed.
+        generator: random stream of the probe vectors.
+    """
+    op = HessianVectorProduct(loss_fn, params, hvp)
+    try:
+        if method == "hutchinson":
+            if num_hvps < 2:
+                raise ValueError(f"Expected `num_hvps` >= 2 for a standard error, but got {num_hvps}.")
+            samples = []
+            for _ in range(num_hvps):
+                z = _rademacher((op.dim,), op.dtype, generator).to(op.device)
+                samples.append(float(torch.dot(z, op(z))))
+            return _mean_and_stderr(samples, 0.0, op.num_products)
+        if method != "hutchpp":
+            raise ValueError(f"Expected `method` to be 'hutchpp' or 'hutchinson', but got {method!r}.")
+        if num_hvps < 3:
+            raise ValueError(f"Expected `num_hvps` >= 3 for Hutch++, but got {num_hvps}.")
+        sketch = num_hvps // 3
+        rest = num_hvps - 2 * sketch
+        s = _rademacher((op.dim, sketch), op.dtype, generator).to(op.device)
+        q, _ = torch.linalg.qr(torch.stack([op(s[:, j]) for j in range(sketch)], dim=1))
+        exact = sum(float(torch.dot(q[:, j], op(q[:, j]))) for j in range(q.shape[1]))
+        samples = []
+        for _ in range(rest):
+            g = _rademacher((op.dim,), op.dtype, generator).to(op.device)
+            g = g - q @ (q.t() @ g)
+            samples.append(float(torch.dot(g, op(g))))
+        if len(samples) < 2:
+            return TraceEstimate(exact + sum(samples), math.inf, op.num_products)
+        return _mean_and_stderr(samples, exact, op.num_products)
+    finally:
+        op.release()
+
+
+def _mean_and_stderr(samples: list[float], offset: float, num_hvps: int) -> TraceEstimate:
+    t = torch.tensor(samples, dtype=torch.float64)
+    return TraceEstimate(offset + float(t.mean()), float(t.std(correction=1)) / math.sqrt(len(samples)), num_hvps)
+
+
+# ----------------------------------------------------------------------------------------------------- sharpness
+
+
+def batch_sharpness(loss_fn: LossFn, params: Sequence[Tensor], hvp: HvpMethod = "double_backward") -> float:
+    """``gᵀHg / ‖g‖²``: the curvature along the gradient (one product). For SGD this is what stabilises at 2/η."""
+    op = HessianVectorProduct(loss_fn, params, hvp)
+    try:
+        g = op.gradient()
+        norm_sq = float(torch.dot(g, g))
+        if norm_sq == 0:
+            return 0.0
+        return float(torch.dot(g, op(g))) / norm_sq
+    finally:
+        op.release()
+
+
+def sam_sharpness(loss_fn: LossFn, params: Sequence[Tensor], rho: float = 0.05, adaptive: bool = False) -> float:
+    """``L(w + ε) − L(w)`` with SAM's ascent step ``ε = ρ g / ‖g‖`` (Foret et al. 2021).
+
+    With ``adaptive=True`` the step is ASAM's (Kwon et al. 2021), ``ε = ρ T² g / ‖T g‖`` with ``T = |w|``, so it is
+    invariant to rescaling the weights. The weights are restored bit-exactly.
+    """
+    params = list(params)
+    with torch.enable_grad():
+        loss = loss_fn()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, grads, strict=True)]
+    if adaptive:
+        scaled = [p.detach().abs() * gi for p, gi in zip(params, g, strict=True)]
+        norm = float(torch.linalg.vector_norm(_flat(scaled)))
+        step = [p.detach().abs() * s for p, s in zip(params, scaled, strict=True)]
+    else:
+        norm = float(torch.linalg.vector_norm(_flat(g)))
+        step = g
+    if norm == 0:
+        return 0.0
+    with _perturbed(params, step, rho / norm):
+        perturbed = float(loss_fn().detach())
+    return perturbed - float(loss.detach())
+
+
+@contextlib.contextmanager
+def _perturbed(params: Sequence[Tensor], direction: Sequence[Tensor], scale: float) -> Iterator[None]:
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, d in zip(params, direction, strict=True):
+                p.add_(d, alpha=scale)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+
+
+class SharpnessClass(str, Enum):
+    """Coarse classes of random-perturbation sharpness (see :func:`random_sharpness` for the quantity)."""
+
+    FLAT = "flat"
+    MODERATE = "moderate"
+    SHARP = "sharp"
+    VERY_SHARP = "very_sharp"
+
+    @classmethod
+    def of(cls, score: float) -> SharpnessClass:
+        """FLAT < 0.1 ≤ MODERATE < 0.5 ≤ SHARP < 2.0 ≤ VERY_SHARP."""
+        if score < 0.1:
+            return cls.FLAT
+        if score < 0.5:
+            return cls.MODERATE
+        if score < 2.0:
+            return cls.SHARP
+        return cls.VERY_SHARP
+
+
+@dataclass(frozen=True)
+class RandomSharpness:
+    """Mean loss increase per perturbation scale, and the score the classes apply to."""
+
+    increases: dict[float, float]
+    score: float
+    label: SharpnessClass
+
+
+DEFAULT_SCALES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+def random_sharpness(
+    loss_fn: LossFn,
+    params: Sequence[Tensor],
+    scales: Sequence[float] = DEFAULT_SCALES,
+    num_directions: int = 4,
+    *,
+    filter_normalized: bool = True,
+    generator: torch.Generator | None = None,
+) -> RandomSharpness:
+    """Mean loss increase ``E[L(w + σ d)] − L(w)`` over random directions ``d``, per scale ``σ``.
+
+    Directions are Gaussian; with ``filter_normalized`` (Li et al. 2018) each filter (row of a weight, a whole bias)
+    is rescaled to the norm of the weights it perturbs, so ``σ`` is a *relative* perturbation and networks of
+    different scale compare; otherwise ``d`` has unit norm overall.
+
+    The **score** the classes apply to is the *relative* mean loss increase at the largest scale,
+    ``(E[L(w + σ_max d)] − L(w)) / max(L(w), 1e-12)``: FLAT < 0.1 (a 10 % relative perturbation of every filter
+    costs under 10 % of the loss), MODERATE < 0.5, SHARP < 2, VERY_SHARP beyond.
+    """
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"Expected positive `scales`, but got {tuple(scales)}.")
+    if num_directions < 1:
+        raise ValueError(f"Expected `num_directions` >= 1, but got {num_directions}.")
+    params = list(params)
+    with torch.no_grad():
+        base = float(loss_fn())
+        directions = [_direction(params, filter_normalized, generator) for _ in range(num_directions)]
+        increases = {}
+        for scale in scales:
+            total = 0.0
+            for d in directions:
+                with _perturbed(params, d, scale):
+                    total += float(loss_fn()) - base
+            increases[float(scale)] = total / num_directions
+    score = increases[float(max(scales))] / max(abs(base), 1e-12)
+    return RandomSharpness(increases, score, SharpnessClass.of(score))
+
+
+def _direction(params: Sequence[Tensor], filter_normalized: bool, generator: torch.Generator | None) -> list[Tensor]:
+    d = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
+    if not filter_normalized:
+        norm = torch.linalg.vector_norm(_flat(d))
+        return [x / norm for x in d]
+    out = []
+    for p, x in zip(params, d, strict=True):
+        w = p.detach()
+        if w.ndim <= 1:
+            out.append(x * torch.linalg.vector_norm(w) / torch.linalg.vector_norm(x).clamp(min=1e-12))
+        else:
+            dims = tuple(range(1, w.ndim))
+            w_norm = torch.linalg.vector_norm(w, dim=dims, keepdim=True)
+            x_norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True).clamp(min=1e-12)
+            out.append(x * w_norm / x_norm)
+    return out
