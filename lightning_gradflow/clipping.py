@@ -21,85 +21,129 @@ NORM_EPS = 1e-6
 
 
 def clip_coefficient(norm: Tensor, threshold: Tensor) -> Tensor:
-    """``min(1, threshold / norm)``; 1 for a non-finite norm (such a step is skipped, not scaled)."""
-    coef = (threshold / (norm + NORM_EPS)).clamp(max=1.0)
-    return torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
+    """``threshold / norm`` where the norm exceeds the threshold, else exactly 1.
+
+    A non-finite norm also gets 1: such a step is skipped, not scaled.
+    """
+    over = torch.isfinite(norm) & (norm > threshold)
+    return torch.where(over, threshold / (norm + NORM_EPS), torch.ones_like(norm))
 
 
 class ZScoreClipper:
     """ZClip (Kumar et al. 2025, arXiv 2504.02507): clip norms whose z-score against an EMA exceeds a threshold.
 
-    For ``warmup_steps`` steps the norms are only collected; their mean and variance then seed the EMA. Afterwards
-    a norm ``g`` with ``z = (g − μ) / σ > z_threshold`` is clipped to ``μ + σ · z_threshold² / z`` (ZClip's
-    reciprocal rule: the larger the spike, the harder the clip) and the EMA is updated with the *clipped* norm, so a
-    spike does not inflate the baseline. Non-finite norms leave the state untouched.
+    The first ``warmup_steps`` *finite* norms are collected; their mean and variance then seed the EMA. Afterwards a
+    norm ``g`` with ``z = (g − μ) / σ > z_threshold`` is clipped to ``μ + σ · z_threshold² / z`` (ZClip's reciprocal
+    rule: the larger the spike, the harder the clip) and the EMA is updated with the *clipped* norm, so a spike does
+    not inflate the baseline. Non-finite norms (overflow or skipped steps) leave the state untouched.
+
+    Two guards ZClip lacks: ``σ`` is floored at ``std_floor · μ``, so a warm-up of identical norms (full-batch
+    training) does not freeze the threshold at the mean; and during warm-up a norm above ``warmup_factor`` times the
+    median of the norms collected so far is clipped to that bound, so a run that diverges in its first steps is not
+    left unprotected.
+
+    Everything is kept on the device: no call reads a value back to the host.
 
     Args:
         z_threshold: z-score above which a norm is clipped (ZClip: 2.5).
         alpha: EMA decay of mean and variance (ZClip: 0.97).
-        warmup_steps: norms collected before clipping starts (ZClip: 25).
+        warmup_steps: finite norms collected before z-score clipping starts (ZClip: 25).
         max_norm: optional hard cap applied on top (``None`` for none).
+        std_floor: floor on σ relative to μ.
+        warmup_factor: spike bound during warm-up, as a multiple of the running median.
     """
 
     def __init__(
-        self, z_threshold: float = 2.5, alpha: float = 0.97, warmup_steps: int = 25, max_norm: float | None = None
+        self,
+        z_threshold: float = 2.5,
+        alpha: float = 0.97,
+        warmup_steps: int = 25,
+        max_norm: float | None = None,
+        std_floor: float = 1e-2,
+        warmup_factor: float = 10.0,
     ) -> None:
         self.z_threshold = z_threshold
         self.alpha = alpha
         self.warmup_steps = warmup_steps
         self.max_norm = max_norm
-        self.steps = 0  # host counter: the number of norms seen, known without reading the device
+        self.std_floor = std_floor
+        self.warmup_factor = warmup_factor
+        self.steps = 0  # calls so far (host counter)
+        self.count: Tensor | None = None  # finite norms collected during warm-up (device)
         self.mean: Tensor | None = None
         self.var: Tensor | None = None
         self._warmup: Tensor | None = None
 
+    def _init_state(self, device: torch.device) -> None:
+        self.count = torch.zeros((), device=device)
+        self.mean = torch.zeros((), device=device)
+        self.var = torch.zeros((), device=device)
+        self._warmup = torch.full((self.warmup_steps,), float("nan"), device=device)
+
     def __call__(self, norm: Tensor) -> Tensor:
         """The threshold for this step's global norm (0-dim, on ``norm``'s device); updates the statistics."""
         norm = norm.detach().float()
+        if self.count is None:
+            self._init_state(norm.device)
+        assert self.count is not None and self.mean is not None and self.var is not None and self._warmup is not None
+        self.steps += 1
         finite = torch.isfinite(norm)
-        if self.steps < self.warmup_steps:
-            if self._warmup is None:
-                self._warmup = torch.zeros(self.warmup_steps, device=norm.device)
-            self._warmup[self.steps] = torch.where(finite, norm, self._warmup[max(self.steps - 1, 0)])
-            self.steps += 1
-            if self.steps == self.warmup_steps:
-                self.mean, self.var = self._warmup.mean(), self._warmup.var(correction=0)
-            threshold = torch.where(finite, norm, torch.full_like(norm, float("inf")))
-            return self._cap(threshold)
-        assert self.mean is not None and self.var is not None
-        std = self.var.clamp(min=0).sqrt()
-        z = (norm - self.mean) / (std + NORM_EPS)
+        warming = self.count < self.warmup_steps
+        # warm-up: bound spikes by a multiple of the median so far (no bound before 3 norms)
+        median = torch.nanmedian(self._warmup)
+        bound = torch.where(self.count >= 3, self.warmup_factor * median, torch.full_like(norm, float("inf")))
+        warm_threshold = torch.where(finite, torch.minimum(norm, bound), bound)
+        slot = self.count.clamp(max=self.warmup_steps - 1).long()
+        collect = warming & finite
+        self._warmup[slot] = torch.where(collect, warm_threshold, self._warmup[slot])
+        count = self.count + collect.float()
+        seeded = warming & (count >= self.warmup_steps)
+        seed_mean = self._warmup.nan_to_num().mean()
+        seed_var = self._warmup.nan_to_num().var(correction=0)
+        # z-score phase (from the step after the warm-up completed)
+        std = self.var.clamp(min=0).sqrt().maximum(self.std_floor * self.mean.abs()) + NORM_EPS
+        z = (norm - self.mean) / std
         clipped = torch.where(z > self.z_threshold, self.mean + std * self.z_threshold**2 / z, norm)
+        update = ~warming & finite
         new_mean = self.alpha * self.mean + (1 - self.alpha) * clipped
         new_var = self.alpha * self.var + (1 - self.alpha) * (clipped - new_mean) ** 2
-        self.mean = torch.where(finite, new_mean, self.mean)
-        self.var = torch.where(finite, new_var, self.var)
-        self.steps += 1
+        self.mean = torch.where(seeded, seed_mean, torch.where(update, new_mean, self.mean))
+        self.var = torch.where(seeded, seed_var, torch.where(update, new_var, self.var))
+        self.count = count
         # a non-finite norm (skipped, never scaled) reports the bound above which clipping starts
-        return self._cap(torch.where(finite, clipped, self.mean + self.z_threshold * std))
+        z_threshold = torch.where(finite, clipped, self.mean + self.z_threshold * std)
+        return self._cap(torch.where(warming, warm_threshold, z_threshold))
 
     def _cap(self, threshold: Tensor) -> Tensor:
         return threshold if self.max_norm is None else threshold.clamp(max=self.max_norm)
 
     def state_dict(self) -> dict[str, Any]:
         """Host copies of the statistics (read at checkpoint time only)."""
+        if self.count is None:
+            return {"steps": self.steps}
+        assert self.mean is not None and self.var is not None and self._warmup is not None
         return {
             "steps": self.steps,
-            "mean": None if self.mean is None else float(self.mean),
-            "var": None if self.var is None else float(self.var),
-            "warmup": None if self._warmup is None else self._warmup.cpu().tolist(),
+            "count": float(self.count),
+            "mean": float(self.mean),
+            "var": float(self.var),
+            "warmup": self._warmup.cpu().tolist(),
         }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
         """Restores :meth:`state_dict` output (onto ``device``)."""
         self.steps = int(state["steps"])
-        self.mean = None if state["mean"] is None else torch.tensor(state["mean"], device=device)
-        self.var = None if state["var"] is None else torch.tensor(state["var"], device=device)
-        self._warmup = None if state["warmup"] is None else torch.tensor(state["warmup"], device=device)
+        if "count" not in state:
+            self.count = self.mean = self.var = self._warmup = None
+            return
+        self.count = torch.tensor(float(state["count"]), device=device)
+        self.mean = torch.tensor(float(state["mean"]), device=device)
+        self.var = torch.tensor(float(state["var"]), device=device)
+        self._warmup = torch.tensor(state["warmup"], device=device)
 
     def to(self, device: torch.device) -> None:
         """Moves the statistics to ``device``."""
-        for name in ("mean", "var", "_warmup"):
+        for name in ("count", "mean", "var", "_warmup"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -114,11 +158,13 @@ class PercentileClipper:
     Args:
         percentile: in (0, 100] (AutoClip: 10).
         window: how many past norms are kept.
+        max_norm: optional hard cap on the threshold.
     """
 
-    def __init__(self, percentile: float = 10.0, window: int = 10_000) -> None:
+    def __init__(self, percentile: float = 10.0, window: int = 10_000, max_norm: float | None = None) -> None:
         self.percentile = percentile
         self.window = window
+        self.max_norm = max_norm
         self.steps = 0
         self._history: Tensor | None = None
 
@@ -132,7 +178,8 @@ class PercentileClipper:
         self._history[slot] = torch.where(finite, norm, self._history[slot])
         self.steps += 1
         filled = self._history[: min(self.steps, self.window)]
-        return torch.nanquantile(filled, self.percentile / 100.0).nan_to_num(nan=float("inf"))
+        threshold = torch.nanquantile(filled, self.percentile / 100.0).nan_to_num(nan=float("inf"))
+        return threshold if self.max_norm is None else threshold.clamp(max=self.max_norm)
 
     def state_dict(self) -> dict[str, Any]:
         """Host copy of the history."""

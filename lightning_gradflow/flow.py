@@ -126,7 +126,7 @@ class FlowRule:
         positions = torch.arange(len(rms), device=rms.device)
         last = torch.where(present, positions, -1).amax().clamp(min=0)
         output = rms[last].clamp(min=torch.finfo(rms.dtype).tiny)
-        all_zero = stats.zeros >= stats.finite_count
+        all_zero = (stats.finite_count > 0) & (stats.zeros >= stats.finite_count)  # not: everything overflowed
         vanishing = (rms < self.vanishing_ratio * output) | (rms < self.min_grad_rms) | all_zero
         exploding = (rms > self.exploding_ratio * output) | (rms > self.max_grad_rms)
         if count_nonfinite:

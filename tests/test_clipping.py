@@ -15,9 +15,10 @@ from lightning_gradflow.clipping import (
 
 
 def test_clip_coefficient() -> None:
-    coef = clip_coefficient(torch.tensor([0.5, 2.0, 4.0, float("inf"), float("nan")]), torch.tensor(2.0))
-    torch.testing.assert_close(coef[:3], torch.tensor([1.0, 2.0 / (2.0 + 1e-6), 2.0 / (4.0 + 1e-6)]))
-    assert coef[3] == 1.0 and coef[4] == 1.0  # non-finite steps are skipped, not scaled
+    coef = clip_coefficient(torch.tensor([0.5, 2.0, 4.0, 1e-7, float("inf"), float("nan")]), torch.tensor(2.0))
+    assert coef[[0, 1, 3]].tolist() == [1.0, 1.0, 1.0]  # at or under the threshold: exactly untouched
+    torch.testing.assert_close(coef[2], torch.tensor(2.0 / (4.0 + 1e-6)))
+    assert coef[4] == 1.0 and coef[5] == 1.0  # non-finite steps are skipped, not scaled
 
 
 def zclip_reference(norms: list[float], z_thr: float, alpha: float, warmup: int) -> list[float]:
@@ -55,8 +56,36 @@ def test_zscore_ignores_non_finite_norms_and_caps() -> None:
     for g in [1.0, 1.0, 1.0]:
         clipper(torch.tensor(g))
     mean, var = float(clipper.mean), float(clipper.var)  # type: ignore[arg-type]
-    assert float(clipper(torch.tensor(float("nan")))) <= 0.5
+    assert float(clipper(torch.tensor(float("nan")))) == 0.5
     assert float(clipper.mean) == mean and float(clipper.var) == var  # type: ignore[arg-type]
+
+
+def test_zscore_warmup_counts_only_finite_norms() -> None:
+    clipper = ZScoreClipper(warmup_steps=3)
+    for g in [1.0, float("inf"), 2.0, float("nan"), 3.0]:
+        clipper(torch.tensor(g))
+    assert float(clipper.count) == 3.0  # type: ignore[arg-type]
+    assert float(clipper.mean) == 2.0  # type: ignore[arg-type]
+
+
+def test_zscore_std_floor_keeps_identical_warmup_from_freezing() -> None:
+    clipper = ZScoreClipper(warmup_steps=5, std_floor=1e-2)
+    for _ in range(5):
+        clipper(torch.tensor(1.0))
+    # sigma is floored at 1% of the mean: a norm 1% above the mean is not clipped, and the EMA follows slow growth
+    assert float(clipper(torch.tensor(1.01))) == pytest.approx(1.01)
+    norms = [1.0 * 1.002**k for k in range(1, 200)]
+    thresholds = [float(clipper(torch.tensor(g))) for g in norms]
+    assert thresholds[-1] == pytest.approx(norms[-1])  # not clipped: the baseline moved with the norms
+    assert float(clipper.mean) > 1.3  # type: ignore[arg-type]
+
+
+def test_zscore_bounds_spikes_during_warmup() -> None:
+    clipper = ZScoreClipper(warmup_steps=25, warmup_factor=10.0)
+    for g in [1.0, 1.2, 0.9]:
+        assert float(clipper(torch.tensor(g))) == pytest.approx(g)
+    assert float(clipper(torch.tensor(1e6))) == pytest.approx(10.0)  # 10 x the median so far
+    assert float(clipper._warmup[3]) == pytest.approx(10.0)  # type: ignore[index]  # the clipped value is recorded
 
 
 def test_zscore_state_round_trip() -> None:

@@ -33,6 +33,21 @@ def check_positive_float(name: str, value: object, allow_none: bool = False) -> 
         raise ValueError(f"Expected `{name}` to be a finite number > 0, but got {value}.")
 
 
+def check_bool(name: str, value: object) -> None:
+    """Raises a ``TypeError`` naming ``name`` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"Expected `{name}` to be a bool, but got {type(value).__name__}: {value!r}.")
+
+
+def check_float_in(name: str, value: object, low: float, high: float, closed_high: bool = False) -> None:
+    """Raises a ``TypeError``/``ValueError`` naming ``name`` unless ``low < value < high`` (``<= high`` if closed)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"Expected `{name}` to be a float, but got {type(value).__name__}: {value!r}.")
+    if not (low < value <= high if closed_high else low < value < high):
+        bound = "]" if closed_high else ")"
+        raise ValueError(f"Expected `{name}` in ({low}, {high}{bound}, but got {value}.")
+
+
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     """Raises a ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
     if value not in choices:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -15,7 +15,9 @@ from typing_extensions import override
 
 from lightning_gradflow import tensorboard as tb
 from lightning_gradflow.callbacks._common import (
+    check_bool,
     check_choice,
+    check_float_in,
     check_positive_float,
     check_positive_int,
     refuse_sharded_strategy,
@@ -75,7 +77,7 @@ class _Step:
     histograms: TensorHistograms | None = None
     abs_sums: Tensor | None = None
     skipped: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    snapshotted: bool = False
 
 
 class GradientFlowCallback(Callback):
@@ -131,7 +133,9 @@ class GradientFlowCallback(Callback):
         patience: optimizer steps a condition must hold before it is diagnosed.
         auto_intervene: clip gradients and skip non-finite steps; otherwise only observe and warn.
         clip_mode: ``"zscore"``, ``"percentile"``, ``"agc"`` or ``"norm"``.
-        clip_value: the fixed threshold for ``"norm"``; an optional hard cap for ``"zscore"``.
+        clip_value: the fixed threshold for ``"norm"``; an optional hard cap on the threshold for ``"zscore"``
+            and ``"percentile"`` (worth setting when a run may diverge in its very first steps: those modes
+            judge each norm against the run's own history); not used by ``"agc"``.
         z_threshold: ZClip's z-score threshold.
         ema_alpha: ZClip's EMA decay.
         warmup_steps: ZClip's warm-up (steps observed before clipping starts).
@@ -188,15 +192,28 @@ class GradientFlowCallback(Callback):
         for name, value in [("z_threshold", z_threshold), ("agc_clip_factor", agc_clip_factor), ("agc_eps", agc_eps)]:
             check_positive_float(name, value)
         check_positive_float("clip_value", clip_value, allow_none=True)
+        for name, value in [("min_grad_rms", min_grad_rms), ("max_grad_rms", max_grad_rms)]:
+            check_positive_float(name, value)
+        check_float_in("vanishing_ratio", vanishing_ratio, 0.0, 1.0)
+        check_positive_float("exploding_ratio", exploding_ratio)
+        check_float_in("ema_alpha", ema_alpha, 0.0, 1.0)
+        check_float_in("percentile", percentile, 0.0, 100.0, closed_high=True)
         check_positive_int("patience", patience)
         check_positive_int("warmup_steps", warmup_steps)
         check_positive_int("percentile_window", percentile_window)
-        if not 0 < ema_alpha < 1:
-            raise ValueError(f"Expected 0 < `ema_alpha` < 1, but got {ema_alpha}.")
-        if not 0 < percentile <= 100:
-            raise ValueError(f"Expected 0 < `percentile` <= 100, but got {percentile}.")
+        for name, flag in [
+            ("track_update_ratio", track_update_ratio),
+            ("auto_intervene", auto_intervene),
+            ("skip_nonfinite", skip_nonfinite),
+        ]:
+            check_bool(name, flag)
         if clip_mode == "norm" and clip_value is None:
             raise ValueError("`clip_mode='norm'` clips to a fixed threshold: pass it as `clip_value=...`.")
+        if clip_mode == "agc" and clip_value is not None:
+            raise ValueError(
+                f"`clip_value={clip_value}` has no meaning for `clip_mode='agc'`, which clips each unit relative to"
+                " its weights: set `agc_clip_factor` instead, or remove `clip_value`."
+            )
         self.rule = FlowRule(vanishing_ratio, exploding_ratio, min_grad_rms, max_grad_rms, patience)
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
@@ -214,7 +231,7 @@ class GradientFlowCallback(Callback):
         if clip_mode == "zscore":
             self.clipper = ZScoreClipper(z_threshold, ema_alpha, warmup_steps, max_norm=clip_value)
         elif clip_mode == "percentile":
-            self.clipper = PercentileClipper(percentile, percentile_window)
+            self.clipper = PercentileClipper(percentile, percentile_window, max_norm=clip_value)
         self.interventions: list[Intervention] = []
         self.layers: list[str] = []  # depth order, input side first
         self.last_metrics: dict[str, float] = {}  # the most recent logged metrics
@@ -224,15 +241,22 @@ class GradientFlowCallback(Callback):
         self._hooks: list[Any] = []
         self._row_cache: dict[tuple[int, ...], Tensor] = {}
         self._streaks: Tensor | None = None  # (2, num_layers): vanishing, exploding
-        self._nonfinite = torch.zeros(())  # non-finite gradient values since the last log (device)
-        self._overflow = torch.zeros(())  # GradScaler overflow steps since the last log (device)
-        self._clipped = torch.zeros(())  # steps clipped since the last log
-        self._worst = torch.zeros(2)  # largest pre-clip norm since the last log, and what it was clipped to
-        self._steps_since_log = 0
+        self._reset_window()
+        self._last: _Step | None = None  # the latest step, for the report of an unfinished window at the end
         self._warned: set[tuple[str, str]] = set()
         self._pending: list[_Step] = []
         self._snapshots: dict[int, Tensor] = {}
         self._reported = 0  # interventions already written as TensorBoard text
+        self._window_state: dict[str, Any] | None = None
+
+    def _reset_window(self, device: torch.device | str = "cpu") -> None:
+        # Made afresh per fit, never shared: under ddp_spawn, tensors created in __init__ would be pickled into
+        # memory shared by every rank.
+        self._nonfinite = torch.zeros((), device=device)  # non-finite gradient values since the last log
+        self._overflow = torch.zeros((), device=device)  # GradScaler overflow steps since the last log
+        self._clipped = torch.zeros((), device=device)  # steps clipped since the last log
+        self._worst = torch.zeros(2, device=device)  # largest pre-clip norm since the last log, and its clipped value
+        self._steps_since_log = 0
 
     # ----------------------------------------------------------------------------------------------- lifecycle
 
@@ -253,6 +277,11 @@ class GradientFlowCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        window = self._window_state
+        self._reset_window()
+        if window is not None:  # restored from a checkpoint
+            self._load_window(window)
+            self._window_state = None
         names = parameter_layers(pl_module, self.group_by)
         self._layer_of = {id(p): names[n] for n, p in pl_module.named_parameters() if n in names}
         if not self._layer_of:
@@ -287,6 +316,13 @@ class GradientFlowCallback(Callback):
                     ],
                 },
             )
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        last, self._last = self._last, None
+        if last is not None and self._steps_since_log > 0:  # report the unfinished window: nothing found is lost
+            last.log, last.histogram, last.figure = True, False, False
+            self._report(trainer, last)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -359,9 +395,9 @@ class GradientFlowCallback(Callback):
         nonfinite = stats.nonfinite.sum()
         self._move_state(device)
         self._nonfinite += nonfinite
-        if scaler is not None:
-            self._overflow += (nonfinite > 0).float()
-        self._update_diagnosis(layer_stats, count_nonfinite=scaler is None)
+        overflow = (nonfinite > 0) if scaler is not None else torch.zeros((), dtype=torch.bool, device=device)
+        self._overflow += overflow.float()
+        self._update_diagnosis(layer_stats, count_nonfinite=scaler is None, frozen=overflow)
 
         pending = _Step(
             step=step,
@@ -385,7 +421,9 @@ class GradientFlowCallback(Callback):
             self._intervene(trainer, pending, grads, nonfinite, scaler is not None)
         if (pending.log or pending.histogram or pending.figure) and self.track_update_ratio and not pending.skipped:
             self._snapshot(params)
+            pending.snapshotted = True
         self._pending.append(pending)
+        self._last = pending
 
     def _move_state(self, device: torch.device) -> None:
         if self._nonfinite.device != device:
@@ -398,11 +436,13 @@ class GradientFlowCallback(Callback):
             if self.clipper is not None:
                 self.clipper.to(device)
 
-    def _update_diagnosis(self, layer_stats: TensorStats, count_nonfinite: bool) -> None:
+    def _update_diagnosis(self, layer_stats: TensorStats, count_nonfinite: bool, frozen: Tensor) -> None:
+        """Advances the per-layer streaks, except on ``frozen`` (GradScaler overflow) steps, which say nothing."""
         vanishing, exploding = self.rule.conditions(layer_stats, count_nonfinite=count_nonfinite)
         if self._streaks is None or self._streaks.shape[1] != len(self.layers):
             self._streaks = torch.zeros((2, len(self.layers)), device=layer_stats.table.device)
-        self._streaks = update_streaks(self._streaks, torch.stack([vanishing, exploding]))
+        advanced = update_streaks(self._streaks, torch.stack([vanishing, exploding]))
+        self._streaks = torch.where(frozen, self._streaks, advanced)
 
     def _intervene(
         self, trainer: pl.Trainer, pending: _Step, grads: list[Tensor], nonfinite: Tensor, scaler_skips: bool
@@ -427,14 +467,17 @@ class GradientFlowCallback(Callback):
             self._clipped += (pending.coef < 1).float()
             return
         if self.clipper is not None:
-            threshold = self.clipper(pending.total_norm)
+            # a step with non-finite values (a GradScaler overflow) must not enter the clip statistics
+            threshold = self.clipper(
+                torch.where(nonfinite > 0, torch.full_like(pending.total_norm, math.inf), pending.total_norm)
+            )
         else:
             assert self.clip_value is not None
             threshold = torch.full((), self.clip_value, device=pending.total_norm.device)
         coef = clip_coefficient(pending.total_norm, threshold)
         torch._foreach_mul_(grads, coef)
         pending.threshold, pending.coef = threshold, coef
-        clipped = coef < 1
+        clipped = torch.isfinite(pending.total_norm) & (pending.total_norm > threshold)
         self._clipped += clipped.float()
         worse = clipped & (pending.total_norm > self._worst[0])
         self._worst = torch.where(worse, torch.stack([pending.total_norm, pending.total_norm * coef]), self._worst)
@@ -454,6 +497,8 @@ class GradientFlowCallback(Callback):
             self._steps_since_log += 1
             if item.log or item.histogram or item.figure:
                 self._report(trainer, item)
+                if item.log and self._last is item:
+                    self._last = None
 
     # ------------------------------------------------------------------------------------------------ reporting
 
@@ -461,7 +506,7 @@ class GradientFlowCallback(Callback):
         device = item.total_norm.device
         num_layers = len(self.layers)
         updates: UpdateStats | None = None
-        if self.track_update_ratio and not item.skipped:
+        if item.snapshotted:
             updates = update_stats(item.params, [self._snapshots[id(p)] for p in item.params], backend=self.backend)
             updates = updates.reduce_rows(self._rows(item.params, device), num_layers)
         weights = None
@@ -493,11 +538,9 @@ class GradientFlowCallback(Callback):
         if item.abs_sums is not None:
             parts["abs_sums"] = item.abs_sums
         host = _to_host(parts)  # the one device-to-host transfer of this logging step
-        self._nonfinite.zero_()
-        self._overflow.zero_()
-        self._clipped.zero_()
-        self._worst.zero_()
-        steps_in_window, self._steps_since_log = self._steps_since_log, 0
+        steps_in_window = self._steps_since_log
+        if item.log:  # histogram- or figure-only steps leave the logging window open
+            self._reset_window(device)
 
         layer_stats = TensorStats(host["layers"])
         present = [i for i in range(num_layers) if float(layer_stats.numel[i]) > 0]
@@ -579,7 +622,8 @@ class GradientFlowCallback(Callback):
                 if bad:
                     measured = f"{bad} non-finite gradient values"
                 else:
-                    relative = f", {value / output:.2g}× the output layer's" if output > 0 else ""
+                    is_output = i == max(j for j in range(len(self.layers)) if float(layer_stats.numel[j]) > 0)
+                    relative = f", {value / output:.2g}× the output layer's" if output > 0 and not is_output else ""
                     measured = f"active gradient RMS {value:.3g}{relative}"
                 rank_zero_warn(
                     f"{_NAME}: {kind} gradients in layer '{layer}' at step {step}: {measured}, for"
@@ -672,6 +716,13 @@ class GradientFlowCallback(Callback):
             "warned": sorted(self._warned),
             "streaks": None if self._streaks is None else self._streaks.cpu().tolist(),
             "clipper": None if self.clipper is None else self.clipper.state_dict(),
+            "window": {
+                "nonfinite": float(self._nonfinite),
+                "overflow": float(self._overflow),
+                "clipped": float(self._clipped),
+                "worst": self._worst.cpu().tolist(),
+                "steps": self._steps_since_log,
+            },
         }
 
     @override
@@ -685,6 +736,16 @@ class GradientFlowCallback(Callback):
         self._streaks = None if streaks is None else torch.tensor(streaks)
         if self.clipper is not None and state_dict["clipper"] is not None:
             self.clipper.load_state_dict(state_dict["clipper"])
+        self._window_state = state_dict.get("window")
+        if self._window_state is not None:
+            self._load_window(self._window_state)
+
+    def _load_window(self, window: dict[str, Any]) -> None:
+        self._nonfinite.fill_(window["nonfinite"])
+        self._overflow.fill_(window["overflow"])
+        self._clipped.fill_(window["clipped"])
+        self._worst = torch.tensor(window["worst"], dtype=torch.float32)
+        self._steps_since_log = int(window["steps"])
 
 
 def _unscale(stats: TensorStats, scaler: Any) -> TensorStats:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_gradflow.stats._common import NUM_STATS, NUM_UPDATE_STATS, Stat, UpdateStat
+from lightning_gradflow.stats._common import NUM_STATS, NUM_UPDATE_STATS, Stat
 from lightning_gradflow.stats.histogram import HistogramSpec
 
 #: Elements per batch on the CPU (4 MiB of float32: stays in the last-level cache between reductions).
@@ -211,60 +211,81 @@ def tensor_stats_rows(flats: list[Tensor]) -> Tensor:
 # ---------------------------------------------------------------------------------------------- update statistics
 
 
+def _slice_update(p: Tensor, s: Tensor, masked: bool, scratch: Tensor) -> Tensor:
+    """``[Σ(p − s)², Σp²]`` of one slice, reusing ``scratch`` for the temporaries."""
+    delta = torch.sub(p, s, out=scratch[: p.numel()])
+    if not masked:
+        sums = torch.stack([torch.mul(delta, delta, out=delta).sum(), torch.mul(p, p, out=delta).sum()])
+        if p.device.type != "cpu" or math.isfinite(sums.sum()):
+            return sums
+        delta = torch.sub(p, s, out=delta)  # a non-finite value somewhere: redo with masking
+    delta = torch.where(torch.isfinite(delta), delta, 0.0)
+    p = torch.where(torch.isfinite(p), p, 0.0)
+    return torch.stack([delta.square().sum(), p.square().sum()])
+
+
+def _packed_update(p: Tensor, s: Tensor, batch: _Batch) -> Tensor:
+    """``[Σ(p − s)², Σp²]`` per piece of a packed batch (float64 sums, as in :func:`_packed_stats`)."""
+    wide = p.to(torch.float64)
+    delta = wide - s.to(torch.float64)
+    columns = torch.stack([delta * delta, wide * wide])
+    columns = torch.where(torch.isfinite(columns), columns, 0.0)
+    lengths = _lengths(batch, p.device).expand(2, -1)
+    return torch.segment_reduce(columns, "sum", lengths=lengths, axis=1, unsafe=True).t().to(p.dtype)
+
+
 def update_stats_rows(params: list[Tensor], snapshots: list[Tensor]) -> Tensor:
     """``(len(params), 2)`` float32 table of ``Σ(p − s)²`` and ``Σp²`` over finite entries; then ``s ← p``."""
     device = params[0].device
     acc = _accumulation_dtype(params[0].dtype)
     chunk = _chunk_size(device)
     masked = device.type != "cpu"
+    largest = max(t.numel() for t in params)
+    scratch = torch.empty(min(chunk, largest), dtype=acc, device=device)
+    convert = torch.empty_like(scratch) if params[0].dtype != acc and largest >= PACK_BELOW else None
     rows = []
     for batch in _iter_batches(params, chunk):
-        p = _batch_values(params, batch, acc)
-        s = _batch_values(snapshots, batch, acc)
-        delta = p - s
-        columns = torch.stack([delta * delta, p * p], dim=1)
-        if masked or not bool(torch.isfinite(columns.sum(0)).all()):
-            finite = torch.stack([torch.isfinite(delta), torch.isfinite(p)], dim=1)
-            columns = torch.where(finite, columns, 0.0)
+        p = _batch_values(params, batch, acc, convert)
         if len(batch.pieces) == 1:
-            rows.append(columns.sum(0, keepdim=True))
+            i, start, n = batch.pieces[0]
+            rows.append(_slice_update(p, snapshots[i][start : start + n], masked, scratch).unsqueeze(0))
         else:
-            rows.append(torch.segment_reduce(columns, "sum", lengths=_lengths(batch, device), axis=0, unsafe=True))
-        for i, start, n in batch.pieces:
-            snapshots[i][start : start + n].copy_(params[i][start : start + n])
+            rows.append(_packed_update(p, _batch_values(snapshots, batch, snapshots[0].dtype), batch))
+    torch._foreach_copy_(snapshots, params)
     if not rows:
         return torch.zeros((len(params), NUM_UPDATE_STATS), dtype=torch.float32, device=device)
     owner = _piece_owner(tuple(t.numel() for t in params), chunk, device)
     out = torch.zeros((len(params), NUM_UPDATE_STATS), dtype=acc, device=device)
-    out.index_add_(0, owner, torch.cat(rows))
-    assert out.shape[1] == len(UpdateStat)
-    return out.to(torch.float32)
+    return out.index_add_(0, owner, torch.cat(rows)).to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- histograms
 
 
+# bit-pattern dtype, mantissa bits, exponent mask, exponent bias, mask of everything but the sign
+_FLOAT_LAYOUT = {
+    torch.float32: (torch.int32, 23, 0xFF, 127, 0x7FFFFFFF),
+    torch.float64: (torch.int64, 52, 0x7FF, 1023, 0x7FFFFFFFFFFFFFFF),
+}
+
+
 def bucket_index(x: Tensor, spec: HistogramSpec) -> Tensor:
-    """Bucket of every value of ``x`` (float32 or float64) under ``spec``, from its exponent and mantissa bits."""
+    """Bucket of every value of ``x`` (float32 or float64) under ``spec``, read from its exponent and mantissa bits.
+
+    Integer operations on the bit pattern only, so it is exact and needs no ``log``; a subnormal has the smallest
+    exponent field and falls in the underflow bucket, an all-ones exponent field is ``NaN``/``Inf``.
+    """
+    int_dtype, mantissa_bits, exponent_mask, bias, magnitude_mask = _FLOAT_LAYOUT[x.dtype]
     m = spec.num_magnitude_bins
-    mantissa, exponent = torch.frexp(x.abs())  # |x| = mantissa * 2**exponent, mantissa in [0.5, 1)
-    octave = exponent.to(torch.long) - 1 - spec.min_exp
-    # 2 * mantissa - 1 is the exact fraction f in [0, 1); times a power of two it stays exact.
-    sub = ((2 * mantissa - 1) * spec.bins_per_octave).floor().to(torch.long)
-    magnitude = octave * spec.bins_per_octave + sub
-    positive = torch.where(
-        octave < 0,
-        spec.pos_underflow,
-        torch.where(magnitude >= m, spec.pos_overflow, spec.pos_underflow + 1 + magnitude),
-    )
-    negative = torch.where(
-        octave < 0,
-        spec.neg_underflow,
-        torch.where(magnitude >= m, spec.neg_overflow, m - magnitude),
-    )
-    index = torch.where(x > 0, positive, negative)
-    index = torch.where(x == 0, spec.zero, index)
-    return torch.where(torch.isfinite(x), index, spec.nonfinite)
+    bits = x.view(int_dtype)
+    exponent = (bits >> mantissa_bits) & exponent_mask
+    sub_bits = spec.bins_per_octave.bit_length() - 1
+    sub = (bits >> (mantissa_bits - sub_bits)) & (spec.bins_per_octave - 1)
+    # the magnitude bucket, clamped to -1 (underflow) .. m (overflow); both sides share it
+    magnitude = ((exponent - (bias + spec.min_exp)) * spec.bins_per_octave + sub).clamp_(-1, m)
+    index = torch.where(bits < 0, m - magnitude, spec.pos_underflow + 1 + magnitude)
+    index = torch.where((bits & magnitude_mask) == 0, spec.zero, index)  # +0.0 and -0.0
+    return torch.where(exponent == exponent_mask, spec.nonfinite, index).to(torch.long)
 
 
 def histogram_rows(flats: list[Tensor], spec: HistogramSpec) -> Tensor:
