@@ -29,8 +29,10 @@ CHUNK = 1 << 20
 DEVICE_CHUNK = 1 << 24
 #: Tensors smaller than this are packed with others; larger ones are reduced slice by slice.
 PACK_BELOW = 1 << 14
-#: Elements per packed batch: its float64 working columns (4 per element) then stay in a core's L2 cache.
-PACK_CHUNK = 1 << 16
+#: Elements per packed batch. Below torch's parallel grain size (32768) every operation on the batch runs on the
+#: calling thread: thousands of small operations then pay no thread synchronisation, which on a busy machine costs
+#: more than the work itself; the batch's float64 working columns also stay in a core's L2 cache.
+PACK_CHUNK = 1 << 15
 
 
 @dataclass(frozen=True)
