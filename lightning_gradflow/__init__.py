@@ -1,7 +1,7 @@
 """lightning_gradflow: training-health callbacks for PyTorch Lightning, built on a fused statistics engine."""
 
 from lightning_gradflow.__about__ import __version__
-from lightning_gradflow.callbacks import GradientFlowCallback
+from lightning_gradflow.callbacks import GateSurgeryCallback, GradientFlowCallback
 from lightning_gradflow.interventions import Intervention
 
-__all__ = ["GradientFlowCallback", "Intervention", "__version__"]
+__all__ = ["GateSurgeryCallback", "GradientFlowCallback", "Intervention", "__version__"]

@@ -25,7 +25,8 @@ state), so for one layer and direction
 
     ``Z = X W_ihᵀ + H_prev W_hhᵀ + b_ih + b_hh``
 
-is two matrix products over *all* probe positions at once, where ``H_prev`` is the layer's output sequence shifted
+is a few matrix products over *all* probe positions at once (one per gate and input; no loop over time), where
+``H_prev`` is the layer's output sequence shifted
 by one step (forward direction: ``h_0, h_1, …, h_{T−2}``; reverse direction: ``h_1, …, h_{T−1}, h_0``, and for
 packed sequences ``h_0`` at each sequence's own last position). With ``proj_size`` the output, and hence ``h``, is
 the projected state, which is what ``W_hh`` multiplies. A stacked module returns only its last layer's outputs, so
@@ -33,20 +34,24 @@ the layers below it are re-run one at a time on the probe (``torch._VF.lstm``/``
 ``num_layers=1``, dropout off — the kernels ``nn.LSTM`` itself calls); each layer's output is the next one's input.
 The last layer uses the captured output, except when inter-layer dropout was active in that forward pass (then the
 captured output belongs to an input the probe cannot reproduce, and the last layer is re-run too). Layers below the
-last are therefore measured as in evaluation mode. After a surgery every layer is re-run from the captured input.
-Cells (``nn.LSTMCell``/``nn.GRUCell``) take ``h`` from each call's input, so each captured call is one time step.
+last are therefore measured as in evaluation mode. After a surgery every layer is re-run from the captured input
+(cells: from the captured ``h``, i.e. the one-step effect of the surgery). Cells (``nn.LSTMCell``/``nn.GRUCell``)
+take ``h`` from each call's input, so each captured call is one time step.
 
 **Statistics** (per module, layer/direction row, gate and unit; all additive, so ranks and calls add up exactly):
 positions, saturated activations, sum of activations, sum of derivatives, and the sum of squares of the part of
 ``z`` that scaling the unit's weight rows scales (``z`` minus its bias terms). See :class:`GateStats`.
 
 **Saturation.** A sigmoid gate is saturated when ``σ(z) < ε`` or ``σ(z) > 1 − ε``; the tanh gates when
-``|tanh(z)| > 1 − ε``. The default ``ε = 0.01`` means ``|z| > 4.6`` for the sigmoid, where ``σ′ < 0.0099``: the gate
-passes less than 4 % of the gradient it passes at its steepest point (``σ′(0) = 1/4``), and so does its own
-gradient; for tanh ``|z| > 2.65``, ``tanh′ < 0.02`` (2 % of ``tanh′(0) = 1``). The common alternative, 0.1/0.9
-(Karpathy et al. 2015), flags healthy gates: a forget gate with the recommended bias of 1 and ordinary weight spread
-often exceeds 0.9, and forget gates legitimately sit there to integrate over long spans. ``ε = 0.01`` flags only
-gates that have stopped learning, such as the documented dead LSTM whose input and output gates sat at ≈0.005.
+``|tanh(z)| > 1 − ε`` (tested as ``|z| > logit(1 − ε)`` and ``|z| > atanh(1 − ε)``). The default ``ε = 0.01`` means
+``|z| > 4.6`` for the sigmoid, where ``σ′ < 0.0099``: the gate's pre-activation receives less than 4 % of the
+gradient it gets at its steepest point (``σ′(0) = 1/4``), so its weights barely learn, and a gate shut near 0 also
+blocks what it gates, forwards and backwards; for tanh ``|z| > 2.65``, ``tanh′ < 0.02`` (2 % of ``tanh′(0) = 1``).
+The common alternative, 0.1/0.9 (Karpathy et al. 2015), flags working gates: a forget gate with the recommended
+bias of 1 passes 0.9 as soon as its weights add 1.2 to ``z``, and forget gates legitimately sit there to integrate
+over long spans. ``ε = 0.01`` flags gates that have stopped learning, such as the documented dead LSTM whose input
+and output gates sat at ≈0.005, while a healthy character LSTM (``examples/saturated_lstm.py`` after surgery) has
+2-18 % of its input/output gate activations beyond it.
 
 **Surgery** (:func:`repair_gate_units_`), for the units of one gate that were saturated on ≥ ``unit_threshold`` of
 the probe positions, in one layer and direction: their biases are set to a healthy value with ``b_ih`` and ``b_hh``
@@ -60,8 +65,8 @@ pushed into saturation by a constant offset of its inputs (``W x`` with a large 
 bias reset does not undo; with ``rms ≤ target_std`` both the offset and the spread are bounded, so ``z`` stays
 within a few ``target_std`` of the healthy bias on the probe. A unit saturated only by its bias keeps its weights
 (scaling up a near-constant unit would amplify whatever noise its rows hold). Modules without biases get only the
-rescaling. Nothing else changes: the other rows, ``W_hr`` of a
-projected LSTM and the other layers are left bitwise untouched.
+rescaling. Nothing else changes: the other rows, ``W_hr`` of a projected LSTM and the other layers are left bitwise
+untouched.
 
 **Optimizer state** (:func:`reset_optimizer_rows_`): stale moments would undo a surgery (Adam's ``exp_avg`` keeps
 pushing the bias back), so for every touched parameter each state entry of the parameter's shape gets the touched
@@ -74,6 +79,7 @@ correction then uses the tensor's old step count, so the touched rows' first upd
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -86,7 +92,6 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from lightning_gradflow.stats import HistogramSpec, tensor_histograms
 
 GateFamily = Literal["lstm", "gru", "sigmoid"]
-ExtraGateKind = Literal["sigmoid", "sigmoid_output"]
 EXTRA_GATE_KINDS: tuple[str, ...] = ("sigmoid", "sigmoid_output")
 
 LSTM_GATES: tuple[str, ...] = ("input", "forget", "cell", "output")
@@ -501,22 +506,32 @@ def _run_layer(
 
 
 def _layer_gates(gated: GatedModule, row: int, x: Tensor, h_prev: Tensor) -> LayerGates:
-    """Pre-activations of all gates of one layer and direction from ``x`` ``(N, I)`` and ``h_{t−1}`` ``(N, H_out)``."""
+    """Pre-activations of all gates of one layer and direction from ``x`` ``(N, I)`` and ``h_{t−1}`` ``(N, H_out)``.
+
+    One matrix product per gate and input, written straight into a contiguous ``(gates, N, units)`` buffer.
+    """
     params = layer_parameters(gated, row // gated.num_directions, row % gated.num_directions)
-    dtype = x.dtype
     num_gates, units = len(gated.gates), _hidden_size(gated)
-    gi = (x @ params["weight_ih"].to(dtype).T).view(-1, num_gates, units).transpose(0, 1)
-    gh = (h_prev @ params["weight_hh"].to(dtype).T).view(-1, num_gates, units).transpose(0, 1)
-    bi = _gate_bias(params.get("bias_ih"), num_gates, units, x)
-    bh = _gate_bias(params.get("bias_hh"), num_gates, units, x)
+    w_ih, w_hh = params["weight_ih"].detach().to(x.dtype), params["weight_hh"].detach().to(x.dtype)
+    bias = _gate_bias(params.get("bias_ih"), num_gates, units, x) + _gate_bias(
+        params.get("bias_hh"), num_gates, units, x
+    )
+    gi = x.new_empty(num_gates, x.shape[0], units)
+    for g in range(num_gates):
+        torch.mm(x, w_ih[g * units : (g + 1) * units].T, out=gi[g])
     if gated.family == "lstm":
-        weight_part = gi + gh
-        return LayerGates(row, weight_part + bi + bh, weight_part)
-    reset = torch.sigmoid(gi[0] + bi[0] + gh[0] + bh[0])
-    new_weight_part = gi[2] + reset * gh[2]
-    new_preact = gi[2] + bi[2] + reset * (gh[2] + bh[2])
-    weight_part = torch.stack([gi[0] + gh[0], gi[1] + gh[1], new_weight_part])
-    preact = torch.stack([weight_part[0] + bi[0] + bh[0], weight_part[1] + bi[1] + bh[1], new_preact])
+        for g in range(num_gates):
+            gi[g].addmm_(h_prev, w_hh[g * units : (g + 1) * units].T)
+        return LayerGates(row, gi + bias, gi)
+    # GRU: the new gate's recurrent term, bias included, is scaled by the reset gate.
+    gh = torch.stack([h_prev @ w_hh[g * units : (g + 1) * units].T for g in range(num_gates)])
+    b_hn = _gate_bias(params.get("bias_hh"), num_gates, units, x)[2]
+    weight_part = gi.clone()
+    weight_part[:2] += gh[:2]
+    preact = weight_part + bias
+    reset = torch.sigmoid(preact[0])
+    weight_part[2].addcmul_(reset, gh[2])
+    preact[2] = weight_part[2] + (bias[2] - b_hn) + reset * b_hn
     return LayerGates(row, preact, weight_part)
 
 
@@ -548,30 +563,39 @@ def _extra_gates(gated: GatedModule, capture: GateCapture, use_captured_output: 
 
 def gate_activations(preact: Tensor, tanh_mask: Sequence[bool]) -> Tensor:
     """``σ(z)``, or ``tanh(z)`` for the gates flagged in ``tanh_mask``; ``preact`` is ``(gates, positions, units)``."""
-    is_tanh = torch.tensor(list(tanh_mask), device=preact.device).view(-1, 1, 1)
-    return torch.where(is_tanh, torch.tanh(preact), torch.sigmoid(preact))
+    act = torch.empty_like(preact)
+    for g, is_tanh in enumerate(tanh_mask):
+        (torch.tanh if is_tanh else torch.sigmoid)(preact[g], out=act[g])
+    return act
 
 
-def gate_counts(layer: LayerGates, tanh_mask: Sequence[bool], epsilon: float) -> Tensor:
+def saturation_margins(tanh_mask: Sequence[bool], epsilon: float) -> list[float]:
+    """Per gate, the ``|z|`` beyond which it is saturated: ``logit(1 − ε)`` (sigmoid) or ``atanh(1 − ε)`` (tanh).
+
+    ``σ(z) < ε or σ(z) > 1 − ε`` is ``|z| > logit(1 − ε)``, and ``|tanh(z)| > 1 − ε`` is ``|z| > atanh(1 − ε)``:
+    one comparison on the pre-activation instead of two on the activation.
+    """
+    return [math.atanh(1 - epsilon) if t else math.log((1 - epsilon) / epsilon) for t in tanh_mask]
+
+
+def gate_counts(layer: LayerGates, tanh_mask: Sequence[bool], epsilon: float, act: Tensor | None = None) -> Tensor:
     """The additive per-unit sums of one layer and direction: ``(gates, NUM_GATE_STATS, units)`` float64.
 
-    Saturated: ``σ < ε`` or ``σ > 1 − ε`` (sigmoid gates), ``|tanh| > 1 − ε`` (tanh gates). Derivative:
-    ``σ(1 − σ)`` or ``1 − tanh²``.
+    Saturated: ``σ < ε`` or ``σ > 1 − ε`` (sigmoid gates), ``|tanh| > 1 − ε`` (tanh gates), tested on ``z`` (see
+    :func:`saturation_margins`). Derivative: ``σ(1 − σ)`` or ``1 − tanh²``. ``act`` may pass in
+    :func:`gate_activations` of ``layer.preact`` if already computed. Sums over positions accumulate in the probe's
+    dtype (counts exactly, as integers) and are returned in float64.
     """
-    act = gate_activations(layer.preact, tanh_mask)
-    is_tanh = torch.tensor(list(tanh_mask), device=act.device).view(-1, 1, 1)
-    saturated = torch.where(is_tanh, act.abs() > 1 - epsilon, (act < epsilon) | (act > 1 - epsilon))
-    derivative = torch.where(is_tanh, 1 - act * act, act * (1 - act))
-    weight_part = layer.weight_part.double()
-    positions = torch.full_like(weight_part[:, 0], float(act.shape[1]))
-    columns = [
-        positions,
-        saturated.sum(1).double(),
-        act.double().sum(1),
-        derivative.double().sum(1),
-        (weight_part * weight_part).sum(1),
-    ]
-    return torch.stack(columns, dim=1)
+    act = gate_activations(layer.preact, tanh_mask) if act is None else act
+    positions = torch.full(act.shape[2:], float(act.shape[1]), dtype=torch.float64, device=act.device)
+    per_gate = []
+    for g, margin in enumerate(saturation_margins(tanh_mask, epsilon)):
+        a, w = act[g], layer.weight_part[g]
+        saturated = layer.preact[g].abs() > margin
+        derivative = 1 - a * a if tanh_mask[g] else a * (1 - a)
+        sums = [saturated.sum(0), a.sum(0), derivative.sum(0), (w * w).sum(0)]
+        per_gate.append(torch.stack([positions, *(t.double() for t in sums)]))
+    return torch.stack(per_gate)
 
 
 @dataclass(frozen=True)
@@ -711,9 +735,9 @@ def measure_gates(
     groups: list[int] = []
     for capture in captures:
         for layer in recompute_gates(gated, capture, use_captured_output):
-            stats.table[layer.row] += gate_counts(layer, gated.tanh_mask, epsilon).to(device)
+            act = gate_activations(layer.preact, gated.tanh_mask)
+            stats.table[layer.row] += gate_counts(layer, gated.tanh_mask, epsilon, act).to(device)
             if activation_bins:
-                act = gate_activations(layer.preact, gated.tanh_mask)
                 activation[layer.row] += activation_histograms(act, gated.tanh_mask, activation_bins).to(device)
             if preact_spec is not None:
                 preacts += list(layer.preact)
@@ -731,12 +755,23 @@ def measure_gates(
 def activation_histograms(act: Tensor, tanh_mask: Sequence[bool], bins: int) -> Tensor:
     """Counts of each gate's activations over ``bins`` equal buckets of ``[0, 1]`` (tanh gates: ``[−1, 1]``).
 
-    Computed with a sort and a binary search (deterministic on every device). ``act`` is ``(gates, positions,
-    units)``; returns ``(gates, bins)`` int64. The last bucket includes its right edge.
+    ``act`` is ``(gates, positions, units)``; returns ``(gates, bins)`` int64. Buckets are ``[left, right)``, the
+    last one closed. Counted with ``torch.bincount``, or, where that is not deterministic (CUDA with
+    ``torch.use_deterministic_algorithms(True)``), with a sort and a binary search.
     """
+    if act.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return _sorted_histograms(act, tanh_mask, bins)
+    num_gates = act.shape[0]
+    low = torch.tensor([-1.0 if t else 0.0 for t in tanh_mask], dtype=act.dtype, device=act.device).view(-1, 1, 1)
+    bucket = ((act - low) / (1 - low) * bins).long().clamp_(0, bins - 1)
+    bucket += torch.arange(num_gates, device=act.device).view(-1, 1, 1) * bins
+    return torch.bincount(bucket.reshape(-1), minlength=num_gates * bins).view(num_gates, bins)
+
+
+def _sorted_histograms(act: Tensor, tanh_mask: Sequence[bool], bins: int) -> Tensor:
     num_gates = act.shape[0]
     low = torch.tensor([-1.0 if t else 0.0 for t in tanh_mask], dtype=act.dtype, device=act.device)
-    fractions = torch.linspace(0, 1, bins + 1, dtype=act.dtype, device=act.device)[1:-1]
+    fractions = torch.arange(1, bins, dtype=act.dtype, device=act.device) / bins
     edges = low.unsqueeze(1) + (1 - low).unsqueeze(1) * fractions.unsqueeze(0)  # inner edges, (gates, bins - 1)
     values = act.reshape(num_gates, -1).sort(dim=1).values
     below = torch.searchsorted(values, edges.contiguous(), right=False)

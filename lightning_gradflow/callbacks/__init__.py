@@ -1,5 +1,6 @@
 """The Lightning callbacks: thin stateful shells over the pure functions of the package."""
 
+from lightning_gradflow.callbacks.gate_surgery import GateSurgeryCallback
 from lightning_gradflow.callbacks.gradient_flow import GradientFlowCallback
 
-__all__ = ["GradientFlowCallback"]
+__all__ = ["GateSurgeryCallback", "GradientFlowCallback"]

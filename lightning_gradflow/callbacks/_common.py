@@ -54,11 +54,17 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"Expected `{name}` to be one of {choices}, but got {value!r}.")
 
 
-def refuse_sharded_strategy(trainer: pl.Trainer, callback: str) -> None:
-    """Sharded strategies hold gradient shards per rank; until they are supported, say so instead of logging shards."""
+def refuse_sharded_strategy(trainer: pl.Trainer, callback: str, reads: str = "whole gradients") -> None:
+    """Sharded strategies hold shards per rank; until they are supported, say so instead of reporting shards.
+
+    Args:
+        trainer: the trainer.
+        callback: the callback's name, for the message.
+        reads: what the callback needs whole (e.g. ``"whole gradients"``, ``"whole weight rows"``).
+    """
     name = type(trainer.strategy).__name__
     if name in _SHARDED_STRATEGIES:
         raise MisconfigurationException(
-            f"{callback} does not support `strategy={name}` yet: it reads whole gradients, which this strategy shards"
+            f"{callback} does not support `strategy={name}` yet: it reads {reads}, which this strategy shards"
             " across ranks. Use a single device or `strategy='ddp'`, or remove the callback."
         )

@@ -94,7 +94,9 @@ class GateSurgeryCallback(Callback):
     TensorBoard (rank zero): a custom-scalars category ``gates``, histograms of the activations
     (``gates/activation_hist/...``, equal buckets over [0, 1] or [−1, 1]) and pre-activations
     (``gates/preact_hist/...``, log-spaced \|z\| buckets of the statistics engine), interventions as text.
-    Steps without a probe cost nothing: no hooks are registered then.
+    Steps without a probe cost nothing: no hooks are registered then. A probe step makes one all-reduce and one
+    host transfer (two of each on a step with a surgery); on CPU it costs about one training step of the example's
+    character LSTM with histograms, half of that without (``benchmarks/gates.py``), so 1 % at the default schedule.
 
     **Surgery** (``auto_intervene=True``): when a gate's saturation stays above ``saturation_threshold`` with at
     least one saturated unit for ``patience`` consecutive probes, its saturated units get their biases reset
@@ -235,7 +237,7 @@ class GateSurgeryCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_sharded_strategy(trainer, _NAME)
+        refuse_sharded_strategy(trainer, _NAME, reads="whole weight rows and layer activations")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -447,19 +449,20 @@ class GateSurgeryCallback(Callback):
 
     def _plan(self, repair: _Repair) -> str:
         bias = healthy_bias(repair.gate, self.forget_bias)
+        which = "bias" if self._gated[repair.module].family == "sigmoid" else "bias (b_ih + b_hh)"
         return (
-            f"set the bias (b_ih + b_hh) of {len(repair.units)} unit(s) to {bias:g}, {self._scaling(repair)} and"
-            " reset their optimizer state"
+            f"set the {which} of {len(repair.units)} unit(s) to {bias:g}, {self._scaling(repair)} and reset their"
+            " optimizer state"
         )
 
     def _scaling(self, repair: _Repair, done: bool = False) -> str:
+        rows = "weight" if self._gated[repair.module].family == "sigmoid" else "W_ih/W_hh"
         scales = row_scales(torch.tensor(repair.weight_rms), self.target_std)
         low, high = float(scales.min()), float(scales.max())
         if low == 1.0:
-            verb = "kept" if done else "keep their"
-            return f"{verb} W_ih/W_hh rows (weight RMS already ≤ {self.target_std:g})"
+            return f"{'kept' if done else 'keep their'} {rows} rows (weight RMS already ≤ {self.target_std:g})"
         factor = f"{low:.3g}" if math.isclose(low, high, rel_tol=1e-3) else f"{low:.3g}-{high:.3g}"
-        verb = "W_ih/W_hh rows scaled" if done else "scale their W_ih/W_hh rows"
+        verb = f"{rows} rows scaled" if done else f"scale their {rows} rows"
         return f"{verb} by {factor} (weight RMS ≤ {self.target_std:g})"
 
     # ------------------------------------------------------------------------------------------------- surgery
