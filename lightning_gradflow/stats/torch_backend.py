@@ -186,27 +186,59 @@ def _merge_pieces(piece_rows: Tensor, owner: Tensor, num_tensors: int) -> Tensor
     return out
 
 
+def _foreach_small_stats(xs: list[Tensor], acc: torch.dtype) -> Tensor:
+    """CPU statistics of many small non-empty tensors with torch's multi-tensor (``_foreach``) operations.
+
+    A ``_foreach`` call loops over the tensors in C++, so a thousand tiny tensors cost a handful of calls instead of
+    a few thousand; the non-finite test reads values, which is free on the CPU. The sums of squares come from
+    ``_foreach_norm`` (accurate at these sizes: under ``PACK_BELOW`` elements each), the signed sums from one float64
+    segmented sum, the zero counts from the L0 "norm" (the count of nonzero entries, NaN included).
+    """
+    lengths = [x.numel() for x in xs]
+    packed = torch.cat(xs).to(acc)
+    views = list(packed.split(lengths))
+    norms = torch.stack(torch._foreach_norm(views, 2)).to(acc)
+    absmax = torch.stack(torch._foreach_max(torch._foreach_abs(views))).to(acc)
+    if not (math.isfinite(absmax.sum()) and math.isfinite(norms.sum())):
+        # a non-finite value (or a sum of squares beyond the dtype's range): the masked path for those tensors only
+        rows = [_slice_stats(v, masked=True, scratch=torch.empty_like(v)) for v in views]
+        return torch.stack(rows)
+    nonzero = torch.stack(torch._foreach_norm(views, 0)).to(acc)
+    numel = torch.tensor(lengths, dtype=acc)
+    sums = torch.segment_reduce(packed.double(), "sum", lengths=torch.tensor(lengths), unsafe=True).to(acc)
+    zeros = torch.zeros_like(norms)
+    return torch.stack([norms.square(), absmax, sums, zeros, numel - nonzero, numel], dim=1)
+
+
 def tensor_stats_rows(flats: list[Tensor]) -> Tensor:
     """``(len(flats), NUM_STATS)`` float32 table: see :class:`~lightning_gradflow.stats.Stat`."""
     device = flats[0].device
     acc = _accumulation_dtype(flats[0].dtype)
     chunk = _chunk_size(device)
     masked = device.type != "cpu"
-    largest = max(t.numel() for t in flats)
+    numels = tuple(t.numel() for t in flats)
+    small = [i for i, n in enumerate(numels) if 0 < n < PACK_BELOW] if device.type == "cpu" else []
+    if len(small) > 1:  # on the CPU, small tensors take the multi-tensor path; the plan then skips them
+        numels = tuple(0 if 0 < n < PACK_BELOW else n for n in numels)
+    else:
+        small = []
+    largest = max(numels)
     scratch = torch.empty(min(chunk, largest), dtype=acc, device=device)
     convert = torch.empty_like(scratch) if flats[0].dtype != acc and largest >= PACK_BELOW else None
     rows = []
-    for batch in _iter_batches(flats, chunk):
+    for batch in _plan(numels, chunk):
         values = _batch_values(flats, batch, acc, convert)
         if len(batch.pieces) == 1:
             rows.append(_slice_stats(values, masked, scratch).unsqueeze(0))
         else:
             rows.append(_packed_stats(values, batch, masked))
-    if not rows:  # only empty tensors
-        return torch.zeros((len(flats), NUM_STATS), dtype=torch.float32, device=device)
-    owner = _piece_owner(tuple(t.numel() for t in flats), chunk, device)
-    table = _merge_pieces(torch.cat(rows), owner, len(flats))
+    if rows:
+        table = _merge_pieces(torch.cat(rows), _piece_owner(numels, chunk, device), len(flats))
+    else:
+        table = torch.zeros((len(flats), NUM_STATS), dtype=acc, device=device)
     table[:, Stat.NUMEL] = _numels(tuple(t.numel() for t in flats), acc, device)
+    if small:
+        table.index_copy_(0, torch.tensor(small), _foreach_small_stats([flats[i] for i in small], acc))
     return table.to(torch.float32)
 
 
