@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,10 +30,10 @@ CHUNK = 1 << 20
 DEVICE_CHUNK = 1 << 24
 #: Tensors smaller than this are packed with others; larger ones are reduced slice by slice.
 PACK_BELOW = 1 << 14
-#: Elements per packed batch. Below torch's parallel grain size (32768) every operation on the batch runs on the
-#: calling thread: thousands of small operations then pay no thread synchronisation, which on a busy machine costs
-#: more than the work itself; the batch's float64 working columns also stay in a core's L2 cache.
-PACK_CHUNK = 1 << 15
+#: Elements per packed batch. Its working columns (up to 4 rows) then stay under torch's parallel grain size (32768
+#: elements), so every operation on the batch runs on the calling thread: thousands of small operations pay no thread
+#: synchronisation, which on a busy machine costs more than the work itself.
+PACK_CHUNK = 1 << 13
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def _numels(numels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -
     return torch.tensor(numels, dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)
 def _batch_owner(batch: _Batch, device: torch.device) -> Tensor:
     """Tensor index of every element of a batch."""
     owners = torch.tensor([i for i, _, _ in batch.pieces], dtype=torch.long, device=device)
@@ -106,15 +107,17 @@ def _batch_values(flats: list[Tensor], batch: _Batch, acc: torch.dtype, convert:
     return parts[0].to(acc)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)
 def _lengths(batch: _Batch, device: torch.device) -> Tensor:
     return torch.tensor([n for _, _, n in batch.pieces], dtype=torch.long, device=device)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)
 def _segment_ids(batch: _Batch, device: torch.device) -> Tensor:
     """Position of the piece every element of a packed batch belongs to."""
-    return torch.repeat_interleave(torch.arange(len(batch.pieces), device=device), _lengths(batch, device))
+    lengths = [n for _, _, n in batch.pieces]
+    # built with numpy on the host, once per layout: torch's repeat_interleave stalls on a busy machine
+    return torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths)).to(device)
 
 
 def _iter_batches(flats: list[Tensor], chunk: int) -> Iterator[_Batch]:
@@ -331,9 +334,14 @@ def histogram_rows(flats: list[Tensor], spec: HistogramSpec) -> Tensor:
     out = torch.zeros(len(flats) * bins, dtype=torch.long, device=device)
     for batch in _iter_batches(flats, chunk):
         values = _batch_values(flats, batch, acc)
-        flat_index = _batch_owner(batch, device) * bins + bucket_index(values, spec)
+        # the batch's tensors are consecutive: count into their rows only, not the whole table
+        first, last = batch.pieces[0][0], batch.pieces[-1][0]
+        rows = out[first * bins : (last + 1) * bins]
+        flat_index = bucket_index(values, spec)
+        if len(batch.pieces) > 1:
+            flat_index += (_batch_owner(batch, device) - first) * bins
         if device.type == "cpu":
-            out += torch.bincount(flat_index, minlength=out.numel())
+            rows += torch.bincount(flat_index, minlength=rows.numel())
         else:  # bincount reads the largest index back to the host; scatter_add does not
-            out.scatter_add_(0, flat_index, torch.ones_like(flat_index))
+            rows.scatter_add_(0, flat_index, torch.ones_like(flat_index))
     return out.view(len(flats), bins)
