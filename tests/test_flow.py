@@ -76,7 +76,7 @@ def test_flow_ratios() -> None:
 
 def test_rule_flags_decay_growth_and_floors() -> None:
     rule = FlowRule(vanishing_ratio=1e-3, exploding_ratio=1e3, min_grad_rms=1e-10, max_grad_rms=1e2)
-    vanishing, exploding = rule.conditions(layer_stats([1e-9, 1e-5, 1e-2, 50.0, 1e-2]))
+    vanishing, exploding = rule.conditions(layer_stats([1e-9, 1e-6, 1e-2, 50.0, 1e-2]))
     assert vanishing.tolist() == [True, True, False, False, False]
     assert exploding.tolist() == [False, False, False, True, False]  # 5000x the output layer
     v, e = rule.conditions(layer_stats([1e3, 1e3]))  # uniform but above the absolute ceiling
