@@ -345,6 +345,10 @@ class GradientFlowCallback(Callback):
     def _every(self, value: int | None, trainer: pl.Trainer) -> int:
         return 10 * self._interval(trainer) if value is None else value
 
+    @staticmethod
+    def _due(step: int, every: int) -> bool:
+        return every > 0 and (step + 1) % every == 0
+
     def _rows(self, params: list[Tensor], device: torch.device) -> Tensor:
         key = tuple(id(p) for p in params)
         rows = self._row_cache.get(key)
@@ -387,7 +391,9 @@ class GradientFlowCallback(Callback):
         fig_every = self._every(self.figure_every_n_steps, trainer)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
 
-        stats = tensor_stats(grads, backend=self.backend)
+        report = self._due(step, interval) or self._due(step, hist_every) or self._due(step, fig_every)
+        # between reports only the norms, counts and diagnosis are needed: the CPU skips max |g| and the sum
+        stats = tensor_stats(grads, backend=self.backend, full=report)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             stats = _unscale(stats, scaler)  # fused optimizers unscale inside step(): the gradients are still scaled
         layer_stats = stats.reduce_rows(self._rows(params, device), len(self.layers))
@@ -401,9 +407,9 @@ class GradientFlowCallback(Callback):
 
         pending = _Step(
             step=step,
-            log=(step + 1) % interval == 0,
-            histogram=hist_every > 0 and (step + 1) % hist_every == 0,
-            figure=fig_every > 0 and (step + 1) % fig_every == 0,
+            log=self._due(step, interval),
+            histogram=self._due(step, hist_every),
+            figure=self._due(step, fig_every),
             params=params,
             layer_stats=layer_stats,
             total_norm=total_norm,
@@ -594,7 +600,8 @@ class GradientFlowCallback(Callback):
             layer = self.layers[i]
             metrics[f"{FAMILY}/grad_norm/{layer}"] = float(norm[i])
             metrics[f"{FAMILY}/grad_rms/{layer}"] = float(rms[i])
-            metrics[f"{FAMILY}/grad_absmax/{layer}"] = float(absmax[i])
+            if math.isfinite(float(absmax[i])):  # a final partial window may come from a norms-only step
+                metrics[f"{FAMILY}/grad_absmax/{layer}"] = float(absmax[i])
             metrics[f"{FAMILY}/zero_fraction/{layer}"] = float(zero_fraction[i])
             metrics[f"{FAMILY}/weight_norm/{layer}"] = float(weight_norm[i])
             metrics[f"{FAMILY}/flow_ratio/{layer}"] = float(flow[k])

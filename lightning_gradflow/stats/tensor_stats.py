@@ -172,7 +172,7 @@ class TensorStats:
         return TensorStats(out)
 
 
-def tensor_stats(tensors: Iterable[Tensor], *, backend: Backend = "auto") -> TensorStats:
+def tensor_stats(tensors: Iterable[Tensor], *, backend: Backend = "auto", full: bool = True) -> TensorStats:
     """Sum of squares, max ``|x|``, sum, non-finite count, zero count and size of every tensor, in one pass.
 
     Args:
@@ -180,6 +180,9 @@ def tensor_stats(tensors: Iterable[Tensor], *, backend: Backend = "auto") -> Ten
             strides; empty tensors allowed. They are never modified.
         backend: ``"auto"`` (fused Triton kernel on CUDA when Triton imports, else ``"torch"``), ``"torch"``,
             ``"triton"`` or ``"reference"`` (a float64 loop, the test oracle).
+        full: ``False`` asks only for what norms, RMS, clipping and the flow diagnosis need (sum of squares,
+            non-finite and zero counts, size): a backend may then leave ``absmax`` and ``sum`` as NaN to save
+            work (the torch backend does on the CPU, at about half the cost; the others compute everything).
 
     Returns:
         A :class:`TensorStats` whose ``(len(tensors), 6)`` float32 table lives on the first tensor's device.
@@ -204,7 +207,9 @@ def tensor_stats(tensors: Iterable[Tensor], *, backend: Backend = "auto") -> Ten
     table = run_grouped(
         [(t.device, t.dtype) for t in items],
         backend,
-        lambda impl, positions: impl.tensor_stats_rows([flat_view(items[i]) for i in positions]),
+        lambda impl, positions: (
+            impl.tensor_stats_rows if full else getattr(impl, "flow_stats_rows", impl.tensor_stats_rows)
+        )([flat_view(items[i]) for i in positions]),
         lambda device: torch.zeros((0, NUM_STATS), device=device),
     )
     return TensorStats(table)

@@ -155,6 +155,22 @@ def _slice_stats(x: Tensor, masked: bool, scratch: Tensor) -> Tensor:
     return torch.stack([sumsq, absmax, x.sum(), nonfinite, zeros, numel])
 
 
+def _slice_flow_stats(x: Tensor, scratch: Tensor) -> Tensor:
+    """Sum of squares, non-finite and zero counts, size of one 1-D CPU tensor; ``ABSMAX`` and ``SUM`` are NaN.
+
+    Two cached passes instead of four. A non-finite sum of squares (a NaN or Inf, or squares beyond the dtype's
+    range) falls back to the full masked statistics of the slice.
+    """
+    buffer = scratch[: x.numel()]
+    zeros = torch.eq(x, 0, out=buffer).sum()
+    sumsq = torch.mul(x, x, out=buffer).sum()
+    if not math.isfinite(sumsq):
+        return _slice_stats(x, masked=True, scratch=scratch)
+    nan = torch.full((), math.nan, dtype=x.dtype)
+    numel = torch.full((), x.numel(), dtype=x.dtype)
+    return torch.stack([sumsq, nan, nan, torch.zeros((), dtype=x.dtype), zeros, numel])
+
+
 def _packed_stats(x: Tensor, batch: _Batch, masked: bool) -> Tensor:
     """Statistics of the pieces of a packed batch, shape ``(len(batch.pieces), NUM_STATS)``.
 
@@ -213,7 +229,16 @@ def _foreach_small_stats(xs: list[Tensor], acc: torch.dtype) -> Tensor:
     return torch.stack([norms.square(), absmax, sums, zeros, numel - nonzero, numel], dim=1)
 
 
-def tensor_stats_rows(flats: list[Tensor]) -> Tensor:
+def flow_stats_rows(flats: list[Tensor]) -> Tensor:
+    """Like :func:`tensor_stats_rows`, but on the CPU large tensors skip ``ABSMAX`` and ``SUM`` (NaN in the table).
+
+    What gradient-norm monitoring, clipping and the flow diagnosis need every step, at about half the cost; other
+    devices get the full statistics (memory-bound there, the extra columns cost nothing).
+    """
+    return tensor_stats_rows(flats, full=flats[0].device.type != "cpu")
+
+
+def tensor_stats_rows(flats: list[Tensor], full: bool = True) -> Tensor:
     """``(len(flats), NUM_STATS)`` float32 table: see :class:`~lightning_gradflow.stats.Stat`."""
     device = flats[0].device
     acc = _accumulation_dtype(flats[0].dtype)
@@ -231,10 +256,12 @@ def tensor_stats_rows(flats: list[Tensor]) -> Tensor:
     rows = []
     for batch in _plan(numels, chunk):
         values = _batch_values(flats, batch, acc, convert)
-        if len(batch.pieces) == 1:
+        if len(batch.pieces) > 1:
+            rows.append(_packed_stats(values, batch, masked))
+        elif full:
             rows.append(_slice_stats(values, masked, scratch).unsqueeze(0))
         else:
-            rows.append(_packed_stats(values, batch, masked))
+            rows.append(_slice_flow_stats(values, scratch).unsqueeze(0))
     if rows:
         table = _merge_pieces(torch.cat(rows), _piece_owner(numels, chunk, device), len(flats))
     else:
