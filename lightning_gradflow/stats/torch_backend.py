@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -82,6 +83,24 @@ def _batch_owner(batch: _Batch, device: torch.device) -> Tensor:
     """Tensor index of every element of a batch."""
     owners = torch.tensor([i for i, _, _ in batch.pieces], dtype=torch.long, device=device)
     return owners[_segment_ids(batch, device)]
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reusable buffer of at least ``numel`` elements, kept per thread, slot, dtype and device.
+
+    Allocating the multi-MiB buffers afresh on every call would cost the operating system's page faults (and their
+    zeroing) on every training step; a buffer kept alive costs its memory once (at most ``CHUNK`` elements per slot
+    on the CPU, ``DEVICE_CHUNK`` on other devices).
+    """
+    buffers: dict[tuple[int, torch.dtype, torch.device], Tensor] = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (slot, dtype, device)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -251,8 +270,8 @@ def tensor_stats_rows(flats: list[Tensor], full: bool = True) -> Tensor:
     else:
         small = []
     largest = max(numels)
-    scratch = torch.empty(min(chunk, largest), dtype=acc, device=device)
-    convert = torch.empty_like(scratch) if flats[0].dtype != acc and largest >= PACK_BELOW else None
+    scratch = _scratch(0, min(chunk, largest), acc, device)
+    convert = _scratch(1, min(chunk, largest), acc, device) if flats[0].dtype != acc and largest >= PACK_BELOW else None
     rows = []
     for batch in _plan(numels, chunk):
         values = _batch_values(flats, batch, acc, convert)
@@ -305,8 +324,10 @@ def update_stats_rows(params: list[Tensor], snapshots: list[Tensor]) -> Tensor:
     chunk = _chunk_size(device)
     masked = device.type != "cpu"
     largest = max(t.numel() for t in params)
-    scratch = torch.empty(min(chunk, largest), dtype=acc, device=device)
-    convert = torch.empty_like(scratch) if params[0].dtype != acc and largest >= PACK_BELOW else None
+    scratch = _scratch(0, min(chunk, largest), acc, device)
+    convert = (
+        _scratch(1, min(chunk, largest), acc, device) if params[0].dtype != acc and largest >= PACK_BELOW else None
+    )
     rows = []
     for batch in _iter_batches(params, chunk):
         p = _batch_values(params, batch, acc, convert)
