@@ -48,6 +48,14 @@ host times are kept too. The time spent inside the arm's own hooks (the callback
 time; CUDA-event time on CUDA): a less noisy, *isolated* cost that leaves out work Lightning does later for
 ``self.log`` calls (its per-step result bookkeeping and the flush on logging steps).
 
+**Memory.** With glibc's defaults, the activations freed at the end of a step go back to the OS and are faulted in
+again in the next one (thousands of minor page faults per step on the CPU models here), by an amount that depends on
+where each variant's tensors landed (and, in step mode, on its thread's malloc arena): a few per cent of step time
+that differs between *identical* variants. So the script re-executes itself with ``MALLOC_ARENA_MAX=1``,
+``MALLOC_MMAP_THRESHOLD_=32 MiB`` and ``MALLOC_TRIM_THRESHOLD_=4 GiB`` (unless they are set, or
+``--no-malloc-tuning``); the page faults of every step are recorded (in the JSON; printed when the median of a
+variant exceeds 100).
+
 **Statistics.** Per variant: the median step time and its quartiles; the median of the logging steps; the *amortised*
 step time ``median(other steps) × (1 - 1/L) + median(logging steps) / L`` for a log interval ``L`` (steps with
 histograms or figures, every 10 L, are rarer still and not sampled). Overhead is ``t_variant / t_baseline - 1``
@@ -55,8 +63,8 @@ against the baseline with the same logger, with a 95 % CI from a bootstrap strat
 within each round; logging steps pooled). The target (issue: ``gradflow`` with the CSV logger costs at most 3 % on
 CPU and 1 % on GPU) is checked on the amortised overhead; the median overhead, the CI, the isolated hook cost and the
 A/A difference are printed beside it. The bootstrap only sees step-to-step noise: a variant can also be a few per cent
-slower or faster *as a whole* (where its tensors landed in memory, huge pages, cache-set conflicts), which is what
-the A/A row measures; on a shared 2-core VM it reached 2-3 %. The hook cost is the steadier number there.
+slower or faster *as a whole* (where its tensors landed in memory: page faults, huge pages, cache-set conflicts),
+which is what the A/A row measures (up to 4 % here without the malloc settings above). The hook cost is steadier.
 
 Usage (from the repository root)::
 
@@ -95,6 +103,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+try:
+    import resource
+except ImportError:  # not POSIX
+    resource = None  # type: ignore[assignment]
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
@@ -112,6 +125,17 @@ AA_VARIANT = "baseline#2"
 CPU_MAX_OVERHEAD = 0.03
 GPU_MAX_OVERHEAD = 0.01
 TARGET_VARIANT = "gradflow"
+#: glibc settings the script re-executes itself with (``--no-malloc-tuning`` keeps the defaults): without them glibc
+#: hands freed activation memory back to the OS and faults it in again on the next step (thousands of minor page
+#: faults per step here), by an amount that depends on each variant's memory layout: a few per cent of step time
+#: that differs between identical variants. One arena: in step mode every variant runs in its own thread, and a
+#: per-thread arena (heaps of at most 64 MiB, mapped and unmapped as a step's memory comes and goes) brings the
+#: faults back for some variants; only one thread runs at a time, so a single arena costs no lock contention.
+MALLOC_TUNING = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30),
+}
 
 
 # ---------------------------------------------------------------------------------------------------- configuration
@@ -188,6 +212,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="override the size preset's sequence length")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs (0: none)")
     p.add_argument("--quick", action="store_true", help="tiny models, 2 rounds of 10 steps: a smoke test")
+    p.add_argument(
+        "--malloc-tuning",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="glibc: re-execute with MALLOC_ARENA_MAX=1, MALLOC_MMAP_THRESHOLD_=32 MiB and\n"
+        "MALLOC_TRIM_THRESHOLD_=4 GiB unless set (no page faults from memory handed back to the OS every step;\n"
+        "default: on)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="default: benchmarks/out/overhead_<device>[_quick].json")
     return p.parse_args(argv)
@@ -324,6 +356,15 @@ def load_average() -> list[float] | None:
         return None
 
 
+def reexec_with_malloc_tuning() -> None:
+    """Replaces this process by the same command with :data:`MALLOC_TUNING` in its environment (glibc only)."""
+    missing = {k: v for k, v in MALLOC_TUNING.items() if k not in os.environ}
+    if not missing or platform.libc_ver()[0] != "glibc":
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **missing})
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu_model": cpu_model(),
@@ -337,6 +378,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "lightning": _version("lightning"),
         "triton": _version("triton"),
         "git": git_revision(),
+        "libc": "-".join(platform.libc_ver()),
+        "malloc_env": {k: os.environ.get(k) for k in MALLOC_TUNING},
         "device": str(device),
     }
     if device.type == "cuda":
@@ -566,6 +609,13 @@ class BlockTimes:
     host_ms: list[float]
     hook_ms: list[float]
     hook_host_ms: list[float]
+    minor_faults: list[int] = field(default_factory=list)
+
+
+def minor_faults() -> int:
+    """Minor page faults of the calling thread so far (0 where ``RUSAGE_THREAD`` does not exist)."""
+    who = getattr(resource, "RUSAGE_THREAD", None) if resource is not None else None
+    return 0 if who is None else resource.getrusage(who).ru_minflt
 
 
 class TurnTaker:
@@ -615,7 +665,8 @@ class StepClock:
         self.name = name
         self.turns = turns
         self.step = -1
-        self.records: list[list[Any]] = []  # [step, host start, event start, host end, event end]
+        # [step, host start, event start, faults at start, host end, event end, faults at end]
+        self.records: list[list[Any]] = []
         self.hooks: dict[int, list[Any]] = {}
 
     def _now(self) -> tuple[float, Any]:
@@ -627,16 +678,17 @@ class StepClock:
 
     def mark(self, step: int) -> None:
         now, event = self._now()
-        if self.records and self.records[-1][3] is None:
+        faults = minor_faults()
+        if self.records and self.records[-1][4] is None:
             if self.turns is not None and self.cuda:
                 torch.cuda.synchronize()
                 now = time.perf_counter()
-            self.records[-1][3:] = [now, event]
+            self.records[-1][4:] = [now, event, faults]
             if self.turns is not None:
                 self.turns.pass_on(self.name)
                 self.turns.wait(self.name)
                 now, event = self._now()
-        self.records.append([step, now, event, None, None])
+        self.records.append([step, now, event, faults, None, None, None])
         self.step = step
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -663,7 +715,7 @@ class StepClock:
         if self.cuda:
             torch.cuda.synchronize()
         blocks: dict[int, BlockTimes] = {}
-        for step, t0, e0, t1, e1 in self.records:
+        for step, t0, e0, f0, t1, e1, f1 in self.records:
             r = round_of(step)
             if t1 is None or r is None:
                 continue
@@ -675,6 +727,7 @@ class StepClock:
             hooks = self.hooks.get(step, [])
             out.hook_host_ms.append(sum(h for h, _, _ in hooks))
             out.hook_ms.append(sum(s.elapsed_time(e) for _, s, e in hooks) if self.cuda else out.hook_host_ms[-1])
+            out.minor_faults.append(f1 - f0)
         self.records.clear()
         self.hooks.clear()
         return [blocks[r] for r in sorted(blocks)]
@@ -925,6 +978,7 @@ def summarize(v: Variant, cfg: Config) -> dict[str, Any]:
             hook_log_median_ms=_median(hook_log),
             hook_other_median_ms=_median(hook_other),
             hook_amortised_ms=amortised(_median(hook_other), _median(hook_log), cfg),
+            minor_faults_median=_median([float(f) for b in v.blocks for f in b.minor_faults]),
         )
         if cfg.device.type == "cuda":
             row["hook_host_mean_ms"] = statistics.fmean(t for b in v.blocks for t in b.hook_host_ms)
@@ -1060,6 +1114,9 @@ def print_model(res: dict[str, Any], cfg: Config) -> None:
             f" {_ms(row['amortised_ms']):>8s} {med:>27s} {amort:>27s}"
             f" {_ms(row['hook_amortised_ms']):>8s} {hook_pct:>7s}" + (f"  ({row['error']})" if row["error"] else "")
         )
+    faults = {n: r.get("minor_faults_median") for n, r in res["variants"].items()}
+    if any(f is not None and f > 100 for f in faults.values()):
+        print("minor page faults per step (median): " + ", ".join(f"{n} {f:.0f}" for n, f in faults.items() if f))
     print(
         "log: median of the logging steps/how many; amort.: median(other steps) x (1-1/L) + median(log) / L;\n"
         "hook ms: time in the arm's own hooks per step (amortised the same way); hook %: of the baseline's amort."
@@ -1112,7 +1169,7 @@ def print_targets(targets: list[dict[str, Any]], cfg: Config) -> None:
 def print_header(cfg: Config, machine: dict[str, Any], command: str) -> None:
     print(f"command: {command}")
     keys = ("cpu_model", "cpu_count", "cpu_affinity", "torch_threads", "load_average_at_start", "torch", "lightning")
-    print("machine: " + ", ".join(f"{k}={machine.get(k)}" for k in (*keys, "git")))
+    print("machine: " + ", ".join(f"{k}={machine.get(k)}" for k in (*keys, "git", "malloc_env")))
     if cfg.device.type == "cuda":
         print(f"gpu: {machine.get('gpu_name')}, nvidia-smi: {machine.get('nvidia_smi')}")
     print(
@@ -1179,6 +1236,8 @@ def _import_package() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if argv is None and args.malloc_tuning:
+        reexec_with_malloc_tuning()
     cfg = make_config(args)
     torch.set_num_threads(cfg.threads)
     if cfg.device.type == "cuda":
