@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
 
 @dataclass(frozen=True)
 class Intervention:
@@ -68,3 +70,123 @@ def interventions_markdown(records: list[Intervention]) -> str:
         for r in records
     ]
     return "\n".join(rows)
+
+
+class InterventionLog:
+    """The interventions one callback made in a run: the records, which of them were already written, and state.
+
+    Args:
+        callback: the callback's class name, stamped on every record.
+
+    Example::
+
+        >>> log = InterventionLog("SharpnessCallback")
+        >>> _ = log.add(10, "lr_scale", "optimizer", "stability ratio 1.4 > 1.1", 0.1, 0.05)
+        >>> [r.kind for r in log.unreported()], log.unreported()
+        (['lr_scale'], [])
+        >>> restored = InterventionLog("SharpnessCallback")
+        >>> restored.load_state_dict(log.state_dict())
+        >>> restored.records == log.records, restored.unreported()
+        (True, [])
+    """
+
+    def __init__(self, callback: str) -> None:
+        self.callback = callback
+        self.records: list[Intervention] = []
+        self._reported = 0
+
+    def add(
+        self, step: int, kind: str, target: str, reason: str, before: float, after: float, applied: bool = True
+    ) -> Intervention:
+        """Appends one record and returns it."""
+        record = Intervention(step, self.callback, kind, target, reason, float(before), float(after), applied)
+        self.records.append(record)
+        return record
+
+    def unreported(self) -> list[Intervention]:
+        """The records added since the last call (to write each one to TensorBoard once)."""
+        new = self.records[self._reported :]
+        self._reported = len(self.records)
+        return new
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        """The records as plain dicts."""
+        return [r.to_dict() for r in self.records]
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        """Restores the records; restored records count as already reported."""
+        self.records = [Intervention.from_dict(d) for d in state]
+        self._reported = len(self.records)
+
+
+# Learning-rate values a scheduler or optimizer keeps besides ``group["lr"]``: scaled together so that a scheduler
+# recomputing ``lr`` from its base values (LambdaLR, OneCycleLR, CyclicLR...) keeps the scaled learning rate.
+_GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+_SCHEDULER_LR_LISTS = ("base_lrs", "max_lrs", "min_lrs", "_last_lr")
+_SCHEDULER_LR_SCALARS = ("eta_min",)
+
+
+def scale_learning_rate(optimizers: Any, schedulers: Any, factor: float) -> None:
+    """Multiplies every learning rate of ``optimizers`` by ``factor``, scheduler-safe.
+
+    Scales each param group's ``lr`` and the base values schedulers recompute it from (``initial_lr``,
+    ``max_lr``, ``min_lr`` in the groups; ``base_lrs``, ``max_lrs``, ``min_lrs``, ``eta_min`` and the last
+    learning rates on the schedulers, recursing into ``SequentialLR``/``ChainedScheduler``), so LambdaLR,
+    OneCycleLR, CyclicLR, cosine and plateau schedules continue from the scaled values instead of overwriting
+    them. The optimizer's and schedulers' ``state_dict`` carry the scaled values, so a resumed run keeps them.
+
+    Args:
+        optimizers: an optimizer or a list of them.
+        schedulers: a scheduler, a list of them, or Lightning's ``trainer.lr_scheduler_configs``.
+        factor: the multiplier, > 0.
+
+    Example::
+
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = torch.optim.SGD([w], lr=0.1)
+        >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 / (epoch + 1))
+        >>> scale_learning_rate(opt, [sched], 0.5)
+        >>> opt.step(); sched.step()
+        >>> round(opt.param_groups[0]["lr"], 6)  # 0.1 * 0.5 / 2: the schedule continues from the scaled base
+        0.025
+    """
+    if not (isinstance(factor, (int, float)) and 0 < factor < float("inf")):
+        raise ValueError(f"Expected `factor` to be a finite number > 0, but got {factor!r}.")
+    for optimizer in _as_list(optimizers):
+        for group in optimizer.param_groups:
+            for key in _GROUP_LR_KEYS:
+                if isinstance(group.get(key), (int, float)):
+                    group[key] = group[key] * factor
+                elif isinstance(group.get(key), torch.Tensor):  # tensor learning rates (capturable optimizers)
+                    group[key].mul_(factor)
+    for scheduler in _as_list(schedulers):
+        _scale_scheduler(getattr(scheduler, "scheduler", scheduler), factor)
+
+
+def _scale_scheduler(scheduler: Any, factor: float) -> None:
+    for inner in getattr(scheduler, "_schedulers", ()):  # SequentialLR, ChainedScheduler
+        _scale_scheduler(inner, factor)
+    for name in _SCHEDULER_LR_LISTS:
+        values = getattr(scheduler, name, None)
+        if isinstance(values, (list, tuple)):
+            setattr(scheduler, name, type(values)(_scaled(v, factor) for v in values))
+    for name in _SCHEDULER_LR_SCALARS:
+        value = getattr(scheduler, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            setattr(scheduler, name, value * factor)
+
+
+def _scaled(value: Any, factor: float) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value * factor
+    return value * factor if isinstance(value, (int, float)) else value
+
+
+def _as_list(items: Any) -> list[Any]:
+    if items is None:
+        return []
+    return list(items) if isinstance(items, (list, tuple)) else [items]
