@@ -33,7 +33,7 @@ from lightning_gradflow.gates import (
     reset_optimizer_rows_,
     row_scales,
 )
-from lightning_gradflow.interventions import Intervention, interventions_markdown
+from lightning_gradflow.interventions import Intervention, InterventionLog, interventions_markdown
 from lightning_gradflow.stats import HistogramSpec, tensorboard_histogram
 
 if TYPE_CHECKING:
@@ -208,7 +208,7 @@ class GateSurgeryCallback(Callback):
         self.forget_bias = float(forget_bias)
         self.auto_intervene = auto_intervene
         self.histograms = histograms
-        self.interventions: list[Intervention] = []
+        self._log = InterventionLog(_NAME)
         self.surgeries = 0
         self.last_metrics: dict[str, float] = {}  # the most recent probe's metrics
         self.last_stats: dict[str, GateStats] = {}  # the most recent probe's reduced statistics (host), per module
@@ -222,9 +222,13 @@ class GateSurgeryCallback(Callback):
         self._streaks: dict[str, int] = {}
         self._last_surgery: dict[str, int] = {}
         self._warned: set[str] = set()
-        self._reported = 0  # interventions already written as TensorBoard text
 
     # ----------------------------------------------------------------------------------------------- lifecycle
+
+    @property
+    def interventions(self) -> list[Intervention]:
+        """Every action taken (or, with ``auto_intervene=False``, that would have been taken), oldest first."""
+        return self._log.records
 
     @property
     @override
@@ -521,9 +525,7 @@ class GateSurgeryCallback(Callback):
             f"{len(repair.units)}/{gated.units} units saturated on ≥{self.unit_threshold:.0%} of probe positions"
             f" for {self.patience} probe(s); {how}"
         )
-        self.interventions.append(
-            Intervention(step, _NAME, "gate_surgery", repair.key, reason, repair.before, after, applied=applied)
-        )
+        self._log.add(step, "gate_surgery", repair.key, reason, repair.before, after, applied=applied)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -562,8 +564,7 @@ class GateSurgeryCallback(Callback):
         loggers = tb.tensorboard_loggers(trainer)
         if not loggers:
             return
-        new = self.interventions[self._reported :]
-        self._reported = len(self.interventions)
+        new = self._log.unreported()
         for logger in loggers:
             for gated in self._gated:
                 if gated.name not in probe.activation_counts:
@@ -591,7 +592,7 @@ class GateSurgeryCallback(Callback):
             "streaks": dict(self._streaks),
             "last_surgery": dict(self._last_surgery),
             "surgeries": self.surgeries,
-            "interventions": [i.to_dict() for i in self.interventions],
+            "interventions": self._log.state_dict(),
             "warned": sorted(self._warned),
         }
 
@@ -600,8 +601,7 @@ class GateSurgeryCallback(Callback):
         self._streaks = {str(k): int(v) for k, v in state_dict["streaks"].items()}
         self._last_surgery = {str(k): int(v) for k, v in state_dict["last_surgery"].items()}
         self.surgeries = int(state_dict["surgeries"])
-        self.interventions = [Intervention.from_dict(d) for d in state_dict["interventions"]]
-        self._reported = len(self.interventions)
+        self._log.load_state_dict(state_dict["interventions"])
         self._warned = {str(w) for w in state_dict["warned"]}
 
 

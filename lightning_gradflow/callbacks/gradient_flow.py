@@ -31,7 +31,7 @@ from lightning_gradflow.clipping import (
     clip_coefficient,
 )
 from lightning_gradflow.flow import FlowRule, active_rms, depth_order, flow_ratios, parameter_layers, update_streaks
-from lightning_gradflow.interventions import Intervention, interventions_markdown
+from lightning_gradflow.interventions import Intervention, InterventionLog, interventions_markdown
 from lightning_gradflow.stats import (
     HistogramSpec,
     Stat,
@@ -232,7 +232,7 @@ class GradientFlowCallback(Callback):
             self.clipper = ZScoreClipper(z_threshold, ema_alpha, warmup_steps, max_norm=clip_value)
         elif clip_mode == "percentile":
             self.clipper = PercentileClipper(percentile, percentile_window, max_norm=clip_value)
-        self.interventions: list[Intervention] = []
+        self._log = InterventionLog(_NAME)
         self.layers: list[str] = []  # depth order, input side first
         self.last_metrics: dict[str, float] = {}  # the most recent logged metrics
         self.skipped_steps = 0
@@ -246,7 +246,6 @@ class GradientFlowCallback(Callback):
         self._warned: set[tuple[str, str]] = set()
         self._pending: list[_Step] = []
         self._snapshots: dict[int, Tensor] = {}
-        self._reported = 0  # interventions already written as TensorBoard text
         self._window_state: dict[str, Any] | None = None
 
     def _reset_window(self, device: torch.device | str = "cpu") -> None:
@@ -259,6 +258,11 @@ class GradientFlowCallback(Callback):
         self._steps_since_log = 0
 
     # ----------------------------------------------------------------------------------------------- lifecycle
+
+    @property
+    def interventions(self) -> list[Intervention]:
+        """Every action taken (or, with ``auto_intervene=False``, that would have been taken), oldest first."""
+        return self._log.records
 
     @property
     @override
@@ -460,7 +464,7 @@ class GradientFlowCallback(Callback):
                     p.grad = None
                 pending.skipped = True
                 self.skipped_steps += 1
-                self._record(
+                self._log.add(
                     pending.step, "skip_step", "all", f"{bad} non-finite gradient values; the step was skipped", bad, 0
                 )
                 return
@@ -638,7 +642,7 @@ class GradientFlowCallback(Callback):
                     category=RuntimeWarning,
                 )
                 if kind == "exploding" and not self.auto_intervene:
-                    self._record(
+                    self._log.add(
                         step,
                         "clip",
                         layer,
@@ -660,7 +664,7 @@ class GradientFlowCallback(Callback):
                     f" {self.clip_mode} threshold; the largest is shown"
                 )
                 before, after = worst_before, worst_after
-            self._record(step, "clip", "all", reason, before, after)
+            self._log.add(step, "clip", "all", reason, before, after)
         if nonfinite > 0 and not self.auto_intervene and overflow == 0 and ("nonfinite", "all") not in self._warned:
             self._warned.add(("nonfinite", "all"))
             rank_zero_warn(
@@ -668,14 +672,7 @@ class GradientFlowCallback(Callback):
                 " `auto_intervene=True` such steps are skipped before they reach the weights.",
                 category=RuntimeWarning,
             )
-            self._record(step, "skip_step", "all", "non-finite gradients", nonfinite, 0.0, applied=False)
-
-    def _record(
-        self, step: int, kind: str, target: str, reason: str, before: float, after: float, applied: bool = True
-    ) -> None:
-        self.interventions.append(
-            Intervention(step, _NAME, kind, target, reason, float(before), float(after), applied=applied)
-        )
+            self._log.add(step, "skip_step", "all", "non-finite gradients", nonfinite, 0.0, applied=False)
 
     def _write_tensorboard(
         self,
@@ -690,8 +687,7 @@ class GradientFlowCallback(Callback):
         loggers = tb.tensorboard_loggers(trainer)
         if not loggers:
             return
-        new = self.interventions[self._reported :]
-        self._reported = len(self.interventions)
+        new = self._log.unreported()
         spec = item.histograms.spec if item.histograms is not None else HistogramSpec()
         for logger in loggers:
             if "histograms" in host:
@@ -718,7 +714,7 @@ class GradientFlowCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "layers": list(self.layers),
-            "interventions": [i.to_dict() for i in self.interventions],
+            "interventions": self._log.state_dict(),
             "skipped_steps": self.skipped_steps,
             "warned": sorted(self._warned),
             "streaks": None if self._streaks is None else self._streaks.cpu().tolist(),
@@ -735,8 +731,7 @@ class GradientFlowCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.layers = list(state_dict["layers"])
-        self.interventions = [Intervention.from_dict(d) for d in state_dict["interventions"]]
-        self._reported = len(self.interventions)
+        self._log.load_state_dict(state_dict["interventions"])
         self.skipped_steps = int(state_dict["skipped_steps"])
         self._warned = {(str(w[0]), str(w[1])) for w in state_dict["warned"]}
         streaks = state_dict["streaks"]
