@@ -529,3 +529,254 @@ def _direction(params: Sequence[Tensor], filter_normalized: bool, generator: tor
             x_norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True).clamp(min=1e-12)
             out.append(x * w_norm / x_norm)
     return out
+
+
+# ------------------------------------------------------------------------------------------- edge of stability
+
+#: The optimizer families with a known stability threshold (see :func:`stability_threshold`).
+StabilityKind = Literal["gd", "heavy_ball", "nesterov", "adam"]
+
+
+def stability_threshold(
+    kind: StabilityKind, lr: float, beta: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0
+) -> float:
+    """The largest curvature an optimizer is stable on, on a quadratic, for a fixed learning rate ``lr``.
+
+    Along an eigendirection of curvature ``λ`` each of these updates is a linear recurrence that diverges once
+    ``λ`` passes the threshold (the *edge of stability* of Cohen et al., ICLR 2021, where full-batch training hovers):
+
+    * ``"gd"``: gradient descent, ``2/η``;
+    * ``"heavy_ball"``: PyTorch SGD with momentum ``β`` and dampening ``d``, ``(2 + 2β)/(η(1 − d))`` (the recurrence
+      ``b ← βb + (1 − d)g, w ← w − ηb`` is heavy ball with step ``η(1 − d)``);
+    * ``"nesterov"``: PyTorch SGD with ``nesterov=True``, ``(2 + 2β)/((1 + 2β)η)`` (its characteristic polynomial has a
+      root at −1 when ``ηλ = (2 + 2β)/(1 + 2β)``; ``dampening`` must be 0);
+    * ``"adam"``: Adam/AdamW with ``β₁ = beta``, ``(2 + 2β₁)/((1 − β₁)η)`` (38/η for β₁ = 0.9). This bounds the
+      *preconditioned* sharpness ``λ_max(P⁻¹H)`` (Cohen et al. 2022, "Adaptive gradient methods at the edge of
+      stability"), see :func:`adam_preconditioner`.
+
+    For the SGD kinds a coupled ``weight_decay`` adds ``weight_decay · I`` to the Hessian the update sees, so the
+    threshold on the loss's own curvature is lowered by it. (For Adam the preconditioned threshold is returned as is.)
+
+    Example::
+
+        >>> stability_threshold("gd", 0.1), round(stability_threshold("heavy_ball", 0.1, beta=0.9), 6)
+        (20.0, 38.0)
+        >>> round(stability_threshold("nesterov", 0.1, beta=0.9), 4), round(stability_threshold("adam", 1e-3, 0.9))
+        (13.5714, 38000)
+    """
+    if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
+        raise ValueError(f"Expected `lr` to be a finite number > 0, but got {lr!r}.")
+    if not 0 <= beta < 1:
+        raise ValueError(f"Expected `beta` in [0, 1), but got {beta!r}.")
+    if not 0 <= dampening < 1:
+        raise ValueError(f"Expected `dampening` in [0, 1), but got {dampening!r}.")
+    if kind == "gd":
+        return 2 / lr - weight_decay
+    if kind == "heavy_ball":
+        return (2 + 2 * beta) / (lr * (1 - dampening)) - weight_decay
+    if kind == "nesterov":
+        return (2 + 2 * beta) / ((1 + 2 * beta) * lr) - weight_decay
+    if kind == "adam":
+        return (2 + 2 * beta) / ((1 - beta) * lr)
+    raise ValueError(f"Expected `kind` to be one of 'gd', 'heavy_ball', 'nesterov', 'adam', but got {kind!r}.")
+
+
+@dataclass(frozen=True)
+class StabilityRule:
+    """Which threshold an optimizer's sharpness is judged against (see :func:`stability_rule`).
+
+    Attributes:
+        kind: the optimizer family (``"gd"``, ``"heavy_ball"``, ``"nesterov"``, ``"adam"``), or ``"unknown"``.
+        threshold: the threshold of :func:`stability_threshold`; NaN when ``kind`` is ``"unknown"``.
+        preconditioned: whether the threshold applies to the preconditioned sharpness ``λ(P⁻¹H)`` (Adam).
+        lr: the learning rate it was computed for (NaN when unknown).
+        beta: the momentum (β₁ for Adam).
+        reason: for ``"unknown"``, why no threshold is known.
+    """
+
+    kind: str
+    threshold: float
+    preconditioned: bool = False
+    lr: float = math.nan
+    beta: float = 0.0
+    reason: str = ""
+
+    @property
+    def known(self) -> bool:
+        """Whether there is a threshold."""
+        return self.kind != "unknown"
+
+    def ratio(self, measured: float) -> float:
+        """``measured / threshold`` (NaN when unknown): above 1 the optimizer is past its edge of stability."""
+        if not self.known or not self.threshold > 0:
+            return math.nan
+        return measured / self.threshold
+
+
+def _scalar(value: object) -> float:
+    return float(value.item()) if isinstance(value, Tensor) else float(value)  # type: ignore[arg-type]
+
+
+def stability_rule(optimizer: torch.optim.Optimizer) -> StabilityRule:
+    """The stability rule of an optimizer from its class and current hyperparameters.
+
+    Known: :class:`torch.optim.SGD` (plain, momentum with dampening, Nesterov; coupled weight decay) and
+    :class:`torch.optim.Adam` / :class:`torch.optim.AdamW` (``amsgrad`` too). All param groups that hold trainable
+    parameters must share the learning rate and momentum (per-group learning rates would need a per-parameter
+    threshold); otherwise, and for every other optimizer, the rule is ``"unknown"`` with the reason.
+
+    Example::
+
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> round(stability_rule(torch.optim.SGD([w], lr=0.1, momentum=0.9)).threshold, 6)
+        38.0
+        >>> rule = stability_rule(torch.optim.RMSprop([w]))
+        >>> rule.kind, rule.ratio(3.0)
+        ('unknown', nan)
+    """
+    name = type(optimizer).__name__
+    groups = [g for g in optimizer.param_groups if any(p.requires_grad for p in g["params"])]
+    if not groups:
+        return StabilityRule("unknown", math.nan, reason=f"{name} has no trainable parameters")
+    keys: tuple[str, ...]
+    if isinstance(optimizer, torch.optim.SGD):
+        keys = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
+    elif isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        keys = ("lr", "betas")
+    else:
+        return StabilityRule(
+            "unknown", math.nan, reason=f"no stability threshold is known for {name} (known: SGD, Adam, AdamW)"
+        )
+    settings = [tuple(_scalar(g[k]) if k != "betas" else tuple(g[k]) for k in keys) for g in groups]
+    if len(set(settings)) > 1:
+        return StabilityRule(
+            "unknown",
+            math.nan,
+            reason=f"the param groups of {name} differ in {'/'.join(keys)}: {sorted(set(settings))}",
+        )
+    group = groups[0]
+    lr = _scalar(group["lr"])
+    if not 0 < lr < math.inf:
+        return StabilityRule("unknown", math.nan, reason=f"{name} has learning rate {lr}")
+    if isinstance(optimizer, torch.optim.SGD):
+        beta, dampening = float(group["momentum"]), float(group["dampening"])
+        weight_decay = float(group["weight_decay"])
+        if beta == 0:
+            kind: StabilityKind = "gd"
+        elif group["nesterov"]:
+            kind = "nesterov"
+        else:
+            kind = "heavy_ball"
+        if not (0 <= beta < 1 and 0 <= dampening < 1):
+            return StabilityRule("unknown", math.nan, reason=f"SGD with momentum {beta}, dampening {dampening}")
+        threshold = stability_threshold(kind, lr, beta, dampening if kind == "heavy_ball" else 0.0, weight_decay)
+        return StabilityRule(kind, threshold, False, lr, beta)
+    beta1 = float(group["betas"][0])
+    return StabilityRule("adam", stability_threshold("adam", lr, beta1), True, lr, beta1)
+
+
+def adam_preconditioner(
+    exp_avg_sq: Tensor, step: float, betas: tuple[float, float], eps: float, amsgrad_max: Tensor | None = None
+) -> Tensor:
+    """Adam's diagonal preconditioner ``P = (1 − β₁ᵗ)(√(v / (1 − β₂ᵗ)) + ε)`` at step ``t`` (Cohen et al. 2022).
+
+    Adam's update is ``η m / ((1 − β₁ᵗ)(√v̂ + ε))`` with ``m`` an EMA of gradients, i.e. preconditioned heavy ball
+    with preconditioner ``P``; with ``P`` frozen it is stable while ``λ_max(P⁻¹H) < (2 + 2β₁)/((1 − β₁)η)``.
+
+    Args:
+        exp_avg_sq: Adam's second-moment state ``v`` of one parameter.
+        step: Adam's step count ``t`` (> 0).
+        betas: ``(β₁, β₂)``.
+        eps: Adam's ``ε``.
+        amsgrad_max: with ``amsgrad=True``, the ``max_exp_avg_sq`` state (used instead of ``v``).
+    """
+    if step <= 0:
+        raise ValueError(f"Expected `step` > 0 (Adam has taken a step), but got {step}.")
+    beta1, beta2 = betas
+    v = exp_avg_sq if amsgrad_max is None else amsgrad_max
+    return (1 - beta1**step) * ((v.detach() / (1 - beta2**step)).sqrt() + eps)
+
+
+def optimizer_preconditioner(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
+) -> tuple[list[Tensor], list[Tensor]] | None:
+    """The parameters Adam/AdamW has state for, and their :func:`adam_preconditioner` (``None`` before any step)."""
+    kept, preconditioners = [], []
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for p in params:
+        state = optimizer.state.get(p)
+        group = groups.get(id(p))
+        if not state or group is None or "exp_avg_sq" not in state:
+            continue
+        step = _scalar(state["step"])
+        if step <= 0:
+            continue
+        amsgrad = state.get("max_exp_avg_sq") if group.get("amsgrad") else None
+        betas = (float(group["betas"][0]), float(group["betas"][1]))
+        kept.append(p)
+        preconditioners.append(adam_preconditioner(state["exp_avg_sq"], step, betas, float(group["eps"]), amsgrad))
+    return (kept, preconditioners) if kept else None
+
+
+def preconditioned_sharpness(
+    loss_fn: LossFn,
+    params: Sequence[Tensor],
+    preconditioner: Sequence[Tensor],
+    num_hvps: int = 20,
+    *,
+    hvp: HvpMethod = "double_backward",
+    generator: torch.Generator | None = None,
+) -> float:
+    """``λ_max(P⁻¹H)``, as ``λ_max(P^{-1/2} H P^{-1/2})`` (same spectrum, symmetric) by Lanczos.
+
+    Args:
+        loss_fn: recomputes the loss.
+        params: the parameters.
+        preconditioner: a positive diagonal ``P`` per parameter (same shapes), e.g. :func:`adam_preconditioner`.
+        num_hvps: Lanczos steps (one Hessian-vector product each).
+        hvp: how products are computed.
+        generator: random stream of the start vector.
+
+    Example::
+
+        >>> w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> loss = lambda: 3 * w[0] ** 2 + 0.5 * w[1] ** 2  # Hessian diag(6, 1)
+        >>> p = torch.tensor([3.0, 0.25], dtype=torch.float64)  # P⁻¹H = diag(2, 4)
+        >>> round(preconditioned_sharpness(loss, [w], [p]), 6)
+        4.0
+    """
+    if num_hvps < 1:
+        raise ValueError(f"Expected `num_hvps` >= 1, but got {num_hvps}.")
+    op = HessianVectorProduct(loss_fn, params, hvp)
+    scale = _flat([q.detach().to(op.dtype) for q in preconditioner]).rsqrt()
+    try:
+        ritz = lanczos(
+            lambda v: scale * op(scale * v), op.dim, num_hvps, dtype=op.dtype, device=op.device, generator=generator
+        )
+    finally:
+        op.release()
+    return float(ritz.max())
+
+
+def preconditioned_batch_sharpness(
+    loss_fn: LossFn,
+    params: Sequence[Tensor],
+    preconditioner: Sequence[Tensor] | None = None,
+    hvp: HvpMethod = "double_backward",
+) -> float:
+    """``uᵀHu / gᵀu`` with ``u = P⁻¹g``: the curvature along the optimizer's step, in the metric of ``P``.
+
+    It is the Rayleigh quotient of ``P^{-1/2} H P^{-1/2}`` along ``P^{-1/2} g``, so it never exceeds
+    :func:`preconditioned_sharpness`; without ``P`` it is :func:`batch_sharpness` (``gᵀHg / ‖g‖²``). One gradient and
+    one Hessian-vector product. (The preconditioned form is this library's extension of batch sharpness to Adam.)
+    """
+    op = HessianVectorProduct(loss_fn, params, hvp)
+    try:
+        g = op.gradient()
+        u = g if preconditioner is None else g / _flat([q.detach().to(op.dtype) for q in preconditioner])
+        denominator = float(torch.dot(g, u))
+        if denominator == 0:
+            return 0.0
+        return float(torch.dot(u, op(u))) / denominator
+    finally:
+        op.release()

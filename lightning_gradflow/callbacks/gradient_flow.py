@@ -233,6 +233,7 @@ class GradientFlowCallback(Callback):
         elif clip_mode == "percentile":
             self.clipper = PercentileClipper(percentile, percentile_window, max_norm=clip_value)
         self._log = InterventionLog(_NAME)
+        self._writes_tensorboard = True
         self.layers: list[str] = []  # depth order, input side first
         self.last_metrics: dict[str, float] = {}  # the most recent logged metrics
         self.skipped_steps = 0
@@ -302,6 +303,8 @@ class GradientFlowCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # histograms and figures only go to TensorBoard (on rank zero): without one, they are not computed
+        self._writes_tensorboard = bool(tb.tensorboard_loggers(trainer))
         for logger in tb.tensorboard_loggers(trainer):
             tb.add_layout_category(
                 logger,
@@ -391,8 +394,8 @@ class GradientFlowCallback(Callback):
         device = params[0].device
         step = trainer.global_step
         interval = self._interval(trainer)
-        hist_every = self._every(self.histogram_every_n_steps, trainer)
-        fig_every = self._every(self.figure_every_n_steps, trainer)
+        hist_every = self._every(self.histogram_every_n_steps, trainer) if self._writes_tensorboard else 0
+        fig_every = self._every(self.figure_every_n_steps, trainer) if self._writes_tensorboard else 0
         scaler = getattr(trainer.precision_plugin, "scaler", None)
 
         report = self._due(step, interval) or self._due(step, hist_every) or self._due(step, fig_every)

@@ -224,26 +224,34 @@ def _merge_pieces(piece_rows: Tensor, owner: Tensor, num_tensors: int) -> Tensor
     return out
 
 
-def _foreach_small_stats(xs: list[Tensor], acc: torch.dtype) -> Tensor:
+def _foreach_small_stats(xs: list[Tensor], acc: torch.dtype, full: bool = True) -> Tensor:
     """CPU statistics of many small non-empty tensors with torch's multi-tensor (``_foreach``) operations.
 
     A ``_foreach`` call loops over the tensors in C++, so a thousand tiny tensors cost a handful of calls instead of
     a few thousand; the non-finite test reads values, which is free on the CPU. The sums of squares come from
     ``_foreach_norm`` (accurate at these sizes: under ``PACK_BELOW`` elements each), the signed sums from one float64
-    segmented sum, the zero counts from the L0 "norm" (the count of nonzero entries, NaN included).
+    segmented sum, the zero counts from the L0 "norm" (the count of nonzero entries, NaN included). Without
+    ``full``, ``ABSMAX`` and ``SUM`` are NaN (as in :func:`flow_stats_rows`); a non-finite value still shows, as a
+    non-finite norm.
     """
     lengths = [x.numel() for x in xs]
     packed = torch.cat(xs).to(acc)
     views = list(packed.split(lengths))
     norms = torch.stack(torch._foreach_norm(views, 2)).to(acc)
-    absmax = torch.stack(torch._foreach_max(torch._foreach_abs(views))).to(acc)
-    if not (math.isfinite(absmax.sum()) and math.isfinite(norms.sum())):
+    if full:
+        absmax = torch.stack(torch._foreach_max(torch._foreach_abs(views))).to(acc)
+    else:
+        absmax = torch.full_like(norms, math.nan)
+    if not ((not full or math.isfinite(absmax.sum())) and math.isfinite(norms.sum())):
         # a non-finite value (or a sum of squares beyond the dtype's range): the masked path for those tensors only
         rows = [_slice_stats(v, masked=True, scratch=torch.empty_like(v)) for v in views]
         return torch.stack(rows)
     nonzero = torch.stack(torch._foreach_norm(views, 0)).to(acc)
     numel = torch.tensor(lengths, dtype=acc)
-    sums = torch.segment_reduce(packed.double(), "sum", lengths=torch.tensor(lengths), unsafe=True).to(acc)
+    if full:
+        sums = torch.segment_reduce(packed.double(), "sum", lengths=torch.tensor(lengths), unsafe=True).to(acc)
+    else:
+        sums = torch.full_like(norms, math.nan)
     zeros = torch.zeros_like(norms)
     return torch.stack([norms.square(), absmax, sums, zeros, numel - nonzero, numel], dim=1)
 
@@ -287,7 +295,7 @@ def tensor_stats_rows(flats: list[Tensor], full: bool = True) -> Tensor:
         table = torch.zeros((len(flats), NUM_STATS), dtype=acc, device=device)
     table[:, Stat.NUMEL] = _numels(tuple(t.numel() for t in flats), acc, device)
     if small:
-        table.index_copy_(0, torch.tensor(small), _foreach_small_stats([flats[i] for i in small], acc))
+        table.index_copy_(0, torch.tensor(small), _foreach_small_stats([flats[i] for i in small], acc, full))
     return table.to(torch.float32)
 
 
