@@ -31,6 +31,7 @@ from models import (
     regression_loader,
     sequence_loader,
 )
+from torch import Tensor
 
 from lightning_gradflow import GradientFlowCallback, Intervention
 from lightning_gradflow.clipping import ZScoreClipper
@@ -232,6 +233,45 @@ def test_logged_norms_equal_torch_norms(accumulate: int) -> None:
         for layer in layers:
             assert row[f"gradflow/grad_norm/{layer}"] == pytest.approx(reference[layer], rel=1e-5)
         assert {k.removeprefix("gradflow/grad_norm/") for k in row if k.startswith("gradflow/grad_norm/")} == layers
+
+
+class _SharedNormReader(Callback):
+    """Listed after GradientFlowCallback: reads the norm it shares, as EarlyCollapseCallback does."""
+
+    def __init__(self, gradflow: GradientFlowCallback) -> None:
+        self.gradflow = gradflow
+        self.seen: dict[int, float] = {}
+        self.other_step: list[Tensor | None] = []
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        shared = self.gradflow.measured_grad_norm(trainer.global_step)
+        assert shared is not None
+        self.seen[trainer.global_step] = float(shared)
+        self.other_step.append(self.gradflow.measured_grad_norm(trainer.global_step + 1))
+
+
+def test_measured_grad_norm_is_shared_per_step() -> None:
+    seed_everything(0, verbose=False)
+    probe = GradNormProbe()
+    gradflow = GradientFlowCallback(log_every_n_steps=3)
+    reader = _SharedNormReader(gradflow)
+    trainer = quiet_trainer(max_steps=5, logger=False, callbacks=[probe, gradflow, reader])
+    trainer.fit(SmallMLP(lr=0.01), regression_loader(8 * 5, 8, batch_size=8))
+    assert sorted(reader.seen) == list(range(5))
+    for step, value in reader.seen.items():
+        assert value == pytest.approx(probe.norms[step]["__total__"], rel=1e-5)
+    assert reader.other_step == [None] * 5
+
+
+def test_measured_grad_norm_is_nan_on_a_non_finite_step() -> None:
+    seed_everything(0, verbose=False)
+    gradflow = GradientFlowCallback(auto_intervene=True)  # skips the bad step: later steps stay finite
+    reader = _SharedNormReader(gradflow)
+    trainer = quiet_trainer(max_steps=4, logger=False, callbacks=[gradflow, reader])
+    trainer.fit(SmallMLP(lr=0.01), regression_loader(8 * 4, 8, batch_size=8, nan_batch=2))
+    assert math.isnan(reader.seen[2])
+    assert all(math.isfinite(v) for step, v in reader.seen.items() if step != 2)
+    assert [i.kind for i in gradflow.interventions] == ["skip_step"]
 
 
 def test_logged_norms_follow_the_callbacks_own_interval() -> None:

@@ -244,6 +244,7 @@ class GradientFlowCallback(Callback):
         self._streaks: Tensor | None = None  # (2, num_layers): vanishing, exploding
         self._reset_window()
         self._last: _Step | None = None  # the latest step, for the report of an unfinished window at the end
+        self._measured: tuple[int, Tensor] | None = None  # (step, global norm, NaN if non-finite): shared
         self._warned: set[tuple[str, str]] = set()
         self._pending: list[_Step] = []
         self._snapshots: dict[int, Tensor] = {}
@@ -259,6 +260,19 @@ class GradientFlowCallback(Callback):
         self._steps_since_log = 0
 
     # ----------------------------------------------------------------------------------------------- lifecycle
+
+    def measured_grad_norm(self, step: int) -> Tensor | None:
+        """The global gradient norm this callback measured at optimizer step ``step``, for other callbacks to share.
+
+        A 0-dim tensor on the gradients' device (no host sync), after AMP unscaling and before any clipping; NaN
+        when a gradient held a non-finite value. ``None`` when this callback measured nothing at ``step``.
+
+        Args:
+            step: ``trainer.global_step`` in ``on_before_optimizer_step``.
+        """
+        if self._measured is None or self._measured[0] != step:
+            return None
+        return self._measured[1]
 
     @property
     def interventions(self) -> list[Intervention]:
@@ -437,6 +451,7 @@ class GradientFlowCallback(Callback):
             pending.snapshotted = True
         self._pending.append(pending)
         self._last = pending
+        self._measured = (step, torch.where(nonfinite > 0, torch.full_like(total_norm, math.nan), total_norm))
 
     def _move_state(self, device: torch.device) -> None:
         if self._nonfinite.device != device:
