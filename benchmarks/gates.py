@@ -30,32 +30,27 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
-import math
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-OUT_DIR = REPO_ROOT / "benchmarks" / "out"
+if str(Path(__file__).resolve().parent) not in sys.path:  # `python -m benchmarks.gates`, imports from tests
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common
+
 DEFAULT_EVERY_N_STEPS = 100
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
+    p = common.base_parser(__doc__)
     p.add_argument("--layers", default="1,2", help="comma-separated LSTM depths (default 1,2)")
     p.add_argument("--probe-sizes", default="8,16,32", help="comma-separated probe sizes (default 8,16,32)")
     p.add_argument("--hidden", type=int, default=128, help="LSTM hidden size (default 128, as the example)")
@@ -81,9 +76,8 @@ def _ints(text: str) -> list[int]:
 
 def _import_package_and_example() -> Any:
     # Lets `python benchmarks/gates.py` find the package and the example without installing anything.
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    path = REPO_ROOT / "examples" / "saturated_lstm.py"
+    common.import_package()
+    path = common.REPO_ROOT / "examples" / "saturated_lstm.py"
     spec = importlib.util.spec_from_file_location("saturated_lstm_example", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -92,54 +86,14 @@ def _import_package_and_example() -> Any:
     return module
 
 
-# ---------------------------------------------------------------------------------------------------- machine
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": _version("lightning"),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu_name"] = torch.cuda.get_device_name(device)
-    return info
-
-
 # ---------------------------------------------------------------------------------------------------- isolated
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
+    common.synchronize(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    common.synchronize(device)
     return (time.perf_counter() - start) * 1e3
 
 
@@ -234,7 +188,7 @@ def end_to_end(example: Any, layers: int, args: argparse.Namespace, device: torc
             self.marks: list[float] = []
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            _sync(device)
+            common.synchronize(device)
             self.marks.append(time.perf_counter())
 
     steps = args.fit_steps
@@ -277,29 +231,16 @@ def end_to_end(example: Any, layers: int, args: argparse.Namespace, device: torc
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    device = common.pick_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     example = _import_package_and_example()
-    command = shlex.join([sys.executable, *(sys.argv if argv is None else [__file__, *argv])])
-    machine = machine_info(device)
-    print(f"command: {command}")
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
+    command = common.command_line(argv, __file__)
+    machine = common.machine_info(device)
+    keys = ("cpu_model", "cpu_count", "torch_threads", "load_average", "platform", "python", "torch", "lightning")
+    common.print_machine(command, machine, (*keys, "device"))
     print(
         f"char LSTM: vocab {args.vocab}, embedding 32, hidden {args.hidden}, batch {args.batch_size} x"
         f" {args.seq_len} characters; Adam; reps={args.reps} warmup={args.warmup} (medians)"
@@ -335,20 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     elapsed = time.perf_counter() - started
     print(f"\ntotal {elapsed:.0f} s")
-    path = args.json or OUT_DIR / f"gates_{device.type}{'_quick' if args.quick else ''}.json"
-    payload = {
-        "command": command,
-        "cwd": os.getcwd(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine,
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "isolated": rows,
-        "end_to_end": fits,
-        "elapsed_s": elapsed,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(payload), indent=1, allow_nan=False))
-    print(f"wrote {path}")
+    path = args.json or common.OUT_DIR / f"gates_{device.type}{'_quick' if args.quick else ''}.json"
+    payload = common.run_record(
+        command, machine, common.config_dict(args), isolated=rows, end_to_end=fits, elapsed_s=elapsed
+    )
+    common.write_json(path, payload)
     return 0
 
 

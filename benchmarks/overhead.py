@@ -83,15 +83,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import math
 import os
 import platform
 import random
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -99,7 +96,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +108,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-OUT_DIR = REPO_ROOT / "benchmarks" / "out"
+if str(Path(__file__).resolve().parent) not in sys.path:  # `python -m benchmarks.overhead`, imports from tests
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common
+
 ARMS = ("baseline", "gradflow", "gradflow_clip", "lightning_grad_norm", "naive_loop")
 LOGGERS = ("csv", "noop")
 MODELS = ("transformer", "lstm")
@@ -164,8 +162,7 @@ class Config:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
+    p = common.base_parser(__doc__)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated of {','.join(MODELS)} (default: both)")
     p.add_argument(
         "--arms",
@@ -225,18 +222,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _split(text: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in text.split(",") if item.strip())
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but torch.cuda.is_available() is False.")
-    return torch.device(name)
-
-
 def split_variant(variant: str) -> tuple[str, str, str]:
     """``"<arm>[@<logger>][#<replica>]"`` as ``(arm, logger, replica)``; a replica is an identical extra copy."""
     name, _, replica = variant.partition("#")
@@ -248,19 +233,13 @@ def variant_name(arm: str, logger: str, replica: str = "") -> str:
     return (arm if logger == "csv" else f"{arm}@{logger}") + (f"#{replica}" if replica else "")
 
 
-def usable_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def make_config(args: argparse.Namespace) -> Config:
-    device = pick_device(args.device)
+    device = common.pick_device(args.device)
     cuda = device.type == "cuda"
-    models = _split(args.models)
+    models = common.split_list(args.models)
     if not models or not set(models) <= set(MODELS):
         raise SystemExit(f"Expected --models from {','.join(MODELS)}, but got {args.models!r}.")
-    variants = tuple(variant_name(*split_variant(v)) for v in _split(args.arms))
+    variants = tuple(variant_name(*split_variant(v)) for v in common.split_list(args.arms))
     for v in variants:
         arm, logger, replica = split_variant(v)
         if arm not in ARMS or logger not in LOGGERS or not (replica == "" or replica.isdigit()):
@@ -294,66 +273,17 @@ def make_config(args: argparse.Namespace) -> Config:
         warmup_steps=warmup,
         skip=skip,
         log_every=log_every,
-        threads=args.threads or usable_cpus(),
+        threads=args.threads or common.usable_cpus(),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         seed=args.seed,
         bootstrap=max(0, args.bootstrap),
         quick=args.quick,
-        json_path=args.json or OUT_DIR / f"overhead_{device.type}{suffix}.json",
+        json_path=args.json or common.OUT_DIR / f"overhead_{device.type}{suffix}.json",
     )
 
 
 # ---------------------------------------------------------------------------------------------------- machine
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _run_quiet(cmd: list[str]) -> str | None:
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip()
-
-
-def nvidia_smi() -> dict[str, str] | None:
-    fields = "name,driver_version,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,power.limit,pstate"
-    out = _run_quiet(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"])
-    if not out:
-        return None
-    values = [v.strip() for v in out.splitlines()[0].split(",")]
-    return dict(zip(fields.split(","), values, strict=False))
-
-
-def git_revision() -> str | None:
-    rev = _run_quiet(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"])
-    dirty = _run_quiet(["git", "-C", str(REPO_ROOT), "status", "--porcelain"])
-    if rev is None:
-        return None
-    return rev + ("-dirty" if dirty else "")
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def reexec_with_malloc_tuning() -> None:
@@ -365,33 +295,9 @@ def reexec_with_malloc_tuning() -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **missing})
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": usable_cpus(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": load_average(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": _version("lightning"),
-        "triton": _version("triton"),
-        "git": git_revision(),
-        "libc": "-".join(platform.libc_ver()),
-        "malloc_env": {k: os.environ.get(k) for k in MALLOC_TUNING},
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(
-            gpu_name=props.name,
-            gpu_memory_gib=round(props.total_memory / 2**30, 1),
-            capability=f"{props.major}.{props.minor}",
-            cuda_runtime=torch.version.cuda,
-            nvidia_smi=nvidia_smi(),
-        )
-    return info
+def machine_details(device: torch.device) -> dict[str, Any]:
+    extra = {"libc": "-".join(platform.libc_ver()), "malloc_env": {k: os.environ.get(k) for k in MALLOC_TUNING}}
+    return common.machine_info(device, "load_average_at_start", extra)
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -896,7 +802,7 @@ def run_model(model: str, cfg: Config) -> dict[str, Any]:
         loads: list[Any] = []
 
         def progress(label: str) -> None:
-            loads.append(load_average())
+            loads.append(common.load_average())
             print(f"  {label} done at {time.perf_counter() - started:.0f} s (load average {loads[-1]})", flush=True)
 
         if turns is not None:
@@ -929,13 +835,6 @@ def is_log_step(step: int, cfg: Config) -> bool:
     return (step + 1) % cfg.log_every == 0
 
 
-def _quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
-
-
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -964,7 +863,7 @@ def summarize(v: Variant, cfg: Config) -> dict[str, Any]:
     hook_log, hook_other = _by_kind(v, "hook_ms", cfg)
     row: dict[str, Any] = {"arm": v.arm, "logger": v.logger_kind, "error": v.error, "steps": len(ms)}
     if ms:
-        q1, q3 = _quartiles(ms)
+        q1, q3 = common.quartiles(ms)
         row.update(
             median_ms=statistics.median(ms),
             q1_ms=q1,
@@ -1167,49 +1066,20 @@ def print_targets(targets: list[dict[str, Any]], cfg: Config) -> None:
 
 
 def print_header(cfg: Config, machine: dict[str, Any], command: str) -> None:
-    print(f"command: {command}")
     keys = ("cpu_model", "cpu_count", "cpu_affinity", "torch_threads", "load_average_at_start", "torch", "lightning")
-    print("machine: " + ", ".join(f"{k}={machine.get(k)}" for k in (*keys, "git", "malloc_env")))
-    if cfg.device.type == "cuda":
-        print(f"gpu: {machine.get('gpu_name')}, nvidia-smi: {machine.get('nvidia_smi')}")
+    common.print_machine(command, machine, (*keys, "git", "malloc_env"))
     print(
         f"device={cfg.device} size={cfg.size} precision={cfg.precision} interleave={cfg.interleave}"
         f" variants={','.join(cfg.variants)}"
     )
-    load = machine.get("load_average_at_start")
-    if cfg.device.type == "cpu" and load and load[0] > usable_cpus() - cfg.threads + 0.5:
+    load, cpus = machine.get("load_average_at_start"), common.usable_cpus()
+    if cfg.device.type == "cpu" and load and load[0] > cpus - cfg.threads + 0.5:
         advice = (
             "OpenMP oversubscription can dominate the step times; `--threads 1` is steadier"
             if cfg.threads > 1
             else "expect noisy step times"
         )
-        print(
-            f"warning: load average {load[0]} on {usable_cpus()} CPUs: other processes compete for the cores; {advice}"
-        )
-
-
-def config_dict(cfg: Config) -> dict[str, Any]:
-    out = dict(cfg.__dict__)
-    out["device"] = str(cfg.device)
-    out["json_path"] = str(cfg.json_path)
-    return out
-
-
-def _jsonable(value: Any) -> Any:
-    """Strict JSON: non-finite floats become the strings "nan", "inf", "-inf"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(payload), indent=1, allow_nan=False))
-    print(f"\nwrote {path}")
+        print(f"warning: load average {load[0]} on {cpus} CPUs: other processes compete for the cores; {advice}")
 
 
 def quiet_lightning() -> None:
@@ -1228,12 +1098,6 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def _import_package() -> None:
-    # Lets `python benchmarks/overhead.py` find the package in the repository without installing it.
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if argv is None and args.malloc_tuning:
@@ -1242,10 +1106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(cfg.threads)
     if cfg.device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-    _import_package()
+    common.import_package()
     quiet_lightning()
-    command = shlex.join([sys.executable, *(sys.argv if argv is None else [__file__, *argv])])
-    machine = machine_info(cfg.device)
+    command = common.command_line(argv, __file__)
+    machine = machine_details(cfg.device)
     print_header(cfg, machine, command)
     started = time.perf_counter()
     results = []
@@ -1261,20 +1125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = evaluate_targets(results, cfg)
     print_targets(targets, cfg)
     elapsed = time.perf_counter() - started
-    machine["load_average_at_end"] = load_average()
+    machine["load_average_at_end"] = common.load_average()
     print(f"\ntotal {elapsed:.0f} s (load average at the end {machine['load_average_at_end']})")
-    payload = {
-        "command": command,
-        "cwd": os.getcwd(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine,
-        "config": config_dict(cfg),
-        "models": results,
-        "targets": targets,
-        "warnings": messages,
-        "elapsed_s": elapsed,
-    }
-    write_json(cfg.json_path, payload)
+    payload = common.run_record(
+        command, machine, common.config_dict(cfg), models=results, targets=targets, warnings=messages, elapsed_s=elapsed
+    )
+    common.write_json(cfg.json_path, payload)
     return 0
 
 

@@ -34,30 +34,27 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import math
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # `python -m benchmarks.stats`, imports from tests
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common
+
 if TYPE_CHECKING:
     from lightning_gradflow.stats import Backend
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-OUT_DIR = REPO_ROOT / "benchmarks" / "out"
 BACKENDS = ("torch", "triton", "reference", "auto")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Datasheet HBM bandwidth (GB/s) by GPU name fragment, for the "% of datasheet" column.
@@ -92,8 +89,7 @@ class Config:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
+    p = common.base_parser(__doc__)
     p.add_argument(
         "--dtypes", default=None, help="comma-separated of fp32,bf16,fp16 (default: fp32 on CPU, fp32,bf16 on CUDA)"
     )
@@ -127,18 +123,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _split(text: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in text.split(",") if item.strip())
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but torch.cuda.is_available() is False.")
-    return torch.device(name)
-
-
 def triton_importable() -> bool:
     try:
         import triton  # noqa: F401
@@ -154,22 +138,22 @@ def default_backends(device: torch.device) -> tuple[str, ...]:
 
 
 def make_config(args: argparse.Namespace) -> Config:
-    device = pick_device(args.device)
+    device = common.pick_device(args.device)
     cuda = device.type == "cuda"
-    dtypes = _split(args.dtypes) if args.dtypes else (("fp32", "bf16") if cuda else ("fp32",))
+    dtypes = common.split_list(args.dtypes) if args.dtypes else (("fp32", "bf16") if cuda else ("fp32",))
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         raise SystemExit(f"Unknown dtype(s) {unknown}; expected some of {sorted(DTYPES)}.")
-    backends = _split(args.backends) if args.backends else default_backends(device)
+    backends = common.split_list(args.backends) if args.backends else default_backends(device)
     if not set(backends) <= set(BACKENDS) or not backends:
         raise SystemExit(f"Expected --backends from {','.join(BACKENDS)}, but got {args.backends!r}.")
-    workloads = _split(args.workloads)
+    workloads = common.split_list(args.workloads)
     if not set(workloads) <= {"gpt2", "small"} or not workloads:
         raise SystemExit(f"Expected --workloads from gpt2,small, but got {args.workloads!r}.")
     reps = args.reps if args.reps is not None else (3 if args.quick else (20 if cuda else 15))
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else (5 if cuda else 2))
     suffix = "_quick" if args.quick else ""
-    json_path = args.json or OUT_DIR / f"stats_{device.type}{suffix}.json"
+    json_path = args.json or common.OUT_DIR / f"stats_{device.type}{suffix}.json"
     return Config(
         device=device,
         dtypes=dtypes,
@@ -188,86 +172,6 @@ def make_config(args: argparse.Namespace) -> Config:
 
 
 # ---------------------------------------------------------------------------------------------------- machine
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _run_quiet(cmd: list[str]) -> str | None:
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip()
-
-
-def nvidia_smi() -> dict[str, str] | None:
-    fields = "name,driver_version,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,power.limit,pstate"
-    out = _run_quiet(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"])
-    if not out:
-        return None
-    values = [v.strip() for v in out.splitlines()[0].split(",")]
-    return dict(zip(fields.split(","), values, strict=False))
-
-
-def cuda_info(device: torch.device) -> dict[str, Any]:
-    props = torch.cuda.get_device_properties(device)
-    return {
-        "gpu_name": props.name,
-        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-        "sm_count": props.multi_processor_count,
-        "capability": f"{props.major}.{props.minor}",
-        "cuda_runtime": torch.version.cuda,
-        "nvidia_smi": nvidia_smi(),
-    }
-
-
-def git_revision() -> str | None:
-    rev = _run_quiet(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"])
-    dirty = _run_quiet(["git", "-C", str(REPO_ROOT), "status", "--porcelain"])
-    if rev is None:
-        return None
-    return rev + ("-dirty" if dirty else "")
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "lightning": _version("lightning"),
-        "git": git_revision(),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
-        "device": str(device),
-        "loadavg_start": _loadavg(),
-    }
-    if device.type == "cuda":
-        info.update(cuda_info(device))
-    return info
-
-
-def _loadavg() -> list[float] | None:
-    # The load of a shared machine explains much of the noise; recorded at the start and the end.
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def datasheet_gbs(device: torch.device) -> float | None:
@@ -547,7 +451,7 @@ def probe(methods: list[Method], device: torch.device) -> tuple[list[Method], di
             for _ in range(2):
                 t0 = time.perf_counter()
                 m.fn()
-                synchronize(device)
+                common.synchronize(device)
                 calls.append((time.perf_counter() - t0) * 1e3)
         except Exception as e:
             failed[m.name] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
@@ -562,11 +466,6 @@ def wants_more(t: Timing, cfg: Config) -> bool:
     n = len(t.device_ms)
     spent_s = sum(max(d, h) for d, h in zip(t.device_ms, t.host_ms, strict=True)) / 1e3
     return n < cfg.reps and (n < MIN_REPS or spent_s < cfg.budget_s)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_interleaved(methods: list[Method], probe_ms: dict[str, float], cfg: Config) -> dict[str, Timing]:
@@ -606,10 +505,10 @@ def count_launches(fn: Callable[[], Any], device: torch.device) -> dict[str, int
     from torch.profiler import ProfilerActivity, profile
 
     fn()
-    synchronize(device)
+    common.synchronize(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
-        synchronize(device)
+        common.synchronize(device)
     kinds = [_device_event_kind(e) for e in prof.events() if e.device_type == DeviceType.CUDA]
     return {"kernels": kinds.count("kernel"), "memcpy_memset": kinds.count("mem")}
 
@@ -628,7 +527,7 @@ def _device_event_kind(event: Any) -> str:
 def count_syncs(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
     """Host syncs of one warm call: a count under ``set_sync_debug_mode("warn")``, and the "error" mode verdict."""
     fn()
-    synchronize(device)
+    common.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -636,7 +535,7 @@ def count_syncs(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    synchronize(device)
+    common.synchronize(device)
     count = sum("synchroniz" in str(w.message) for w in caught)
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -646,7 +545,7 @@ def count_syncs(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
         verdict = "error: " + str(e).splitlines()[0][:160]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    synchronize(device)
+    common.synchronize(device)
     return {"warned": count, "error_mode": verdict}
 
 
@@ -742,16 +641,9 @@ def run_workload(spec: WorkloadSpec, cfg: Config) -> dict[str, Any]:
     return result
 
 
-def _quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
-
-
 def summarize(m: Method, t: Timing, cfg: Config) -> dict[str, Any]:
     median = statistics.median(t.device_ms)
-    q1, q3 = _quartiles(t.device_ms)
+    q1, q3 = common.quartiles(t.device_ms)
     gbs = m.bytes_moved / (median * 1e-3) / 1e9 if median > 0 else math.inf
     row: dict[str, Any] = {
         "reps": len(t.device_ms),
@@ -930,11 +822,8 @@ def print_targets(targets: list[dict[str, Any]], quick: bool) -> None:
 
 
 def print_header(cfg: Config, machine: dict[str, Any], command: str) -> None:
-    print(f"command: {command}")
     keys = ("cpu_model", "cpu_count", "torch_threads", "python", "torch", "triton", "lightning", "git", "loadavg_start")
-    print("machine: " + ", ".join(f"{k}={machine.get(k)}" for k in keys))
-    if cfg.device.type == "cuda":
-        print(f"gpu: {machine.get('gpu_name')}, nvidia-smi: {machine.get('nvidia_smi')}")
+    common.print_machine(command, machine, keys)
     print(
         f"device={cfg.device} dtypes={','.join(cfg.dtypes)} backends={','.join(cfg.backends)} reps={cfg.reps}"
         f" warmup={cfg.warmup} (interleaved round-robin; medians)"
@@ -942,44 +831,14 @@ def print_header(cfg: Config, machine: dict[str, Any], command: str) -> None:
     print("GB/s: 'read' = bytes read / time; 'r+w' = (bytes read + bytes written) / time")
 
 
-def config_dict(cfg: Config) -> dict[str, Any]:
-    out = dict(cfg.__dict__)
-    out["device"] = str(cfg.device)
-    out["json_path"] = str(cfg.json_path)
-    return out
-
-
-def _jsonable(value: Any) -> Any:
-    """Strict JSON: non-finite floats become the strings "nan", "inf", "-inf"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(payload), indent=1, allow_nan=False))
-    print(f"\nwrote {path}")
-
-
-def _import_package() -> None:
-    # Lets `python benchmarks/stats.py` find the package in the repository without installing it.
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = make_config(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    _import_package()
-    command = shlex.join([sys.executable, *(sys.argv if argv is None else [__file__, *argv])])
-    machine = machine_info(cfg.device)
+    common.import_package()
+    command = common.command_line(argv, __file__)
+    machine = common.machine_info(cfg.device, "loadavg_start", {"triton_interpret": os.environ.get("TRITON_INTERPRET")})
     print_header(cfg, machine, command)
     started = time.perf_counter()
     results = []
@@ -990,18 +849,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_targets(targets, cfg.quick)
     elapsed = time.perf_counter() - started
     print(f"\ntotal {elapsed:.0f} s")
-    payload = {
-        "command": command,
-        "cwd": os.getcwd(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine,
-        "config": config_dict(cfg),
-        "workloads": results,
-        "targets": targets,
-        "elapsed_s": elapsed,
-        "loadavg_end": _loadavg(),
-    }
-    write_json(cfg.json_path, payload)
+    payload = common.run_record(
+        command,
+        machine,
+        common.config_dict(cfg),
+        workloads=results,
+        targets=targets,
+        elapsed_s=elapsed,
+        loadavg_end=common.load_average(),
+    )
+    common.write_json(cfg.json_path, payload)
     return 0
 
 
