@@ -1,7 +1,19 @@
 """lightning_gradflow: training-health callbacks for PyTorch Lightning, built on a fused statistics engine."""
 
 from lightning_gradflow.__about__ import __version__
-from lightning_gradflow.callbacks import GateSurgeryCallback, GradientFlowCallback
+from lightning_gradflow.callbacks import (
+    CollapseStopReason,
+    EarlyCollapseCallback,
+    GateSurgeryCallback,
+    GradientFlowCallback,
+)
 from lightning_gradflow.interventions import Intervention
 
-__all__ = ["GateSurgeryCallback", "GradientFlowCallback", "Intervention", "__version__"]
+__all__ = [
+    "CollapseStopReason",
+    "EarlyCollapseCallback",
+    "GateSurgeryCallback",
+    "GradientFlowCallback",
+    "Intervention",
+    "__version__",
+]
