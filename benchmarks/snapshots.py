@@ -25,15 +25,10 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +37,9 @@ from torch import nn
 
 from lightning_gradflow.collapse import restore_snapshot, take_snapshot
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-OUT_DIR = REPO_ROOT / "benchmarks" / "out"
+if str(Path(__file__).resolve().parent) not in sys.path:  # `python -m benchmarks.snapshots`, imports from tests
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -59,16 +55,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
+    common.synchronize(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    common.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -127,29 +118,6 @@ def measure(width: int, args: argparse.Namespace, device: torch.device) -> dict[
     return row
 
 
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "lightning_gradflow": metadata.version("lightning_gradflow") if _installed() else "source",
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def _installed() -> bool:
-    try:
-        metadata.version("lightning_gradflow")
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     devices = [k.removeprefix("snapshot_") for k in rows[0]["median_s"] if k.startswith("snapshot_")]
     head = ["width × depth", "parameters", "snapshot MiB", "train step ms"]
@@ -185,16 +153,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     widths = [int(w) for w in args.widths.split(",")]
     rows = [measure(w, args, device) for w in widths]
-    result = {
-        "command": "python benchmarks/snapshots.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "machine": machine(),
-        "rows": rows,
-    }
+    command = common.command_line(argv, __file__)
+    result = common.run_record(command, common.machine_info(device), common.config_dict(args), rows=rows)
+    common.print_machine(command, result["machine"], ("cpu_model", "cpu_count", "torch_threads", "torch"))
     print(table(rows))
-    out = Path(args.out) if args.out else OUT_DIR / f"snapshots_{device.type}{'_quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {out}")
+    suffix = "_quick" if args.quick else ""
+    common.write_json(Path(args.out) if args.out else common.OUT_DIR / f"snapshots_{device.type}{suffix}.json", result)
     return result
 
 
