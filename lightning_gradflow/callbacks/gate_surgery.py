@@ -15,7 +15,12 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_gradflow import tensorboard as tb
-from lightning_gradflow.callbacks._common import check_positive_float, check_positive_int, refuse_sharded_strategy
+from lightning_gradflow.callbacks._common import (
+    check_bool,
+    check_positive_float,
+    check_positive_int,
+    refuse_sharded_strategy,
+)
 from lightning_gradflow.flow import layer_path
 from lightning_gradflow.gates import (
     ALL_GATES,
@@ -181,6 +186,8 @@ class GateSurgeryCallback(Callback):
         check_positive_int("cooldown", cooldown, allow_zero=True)
         check_positive_int("max_surgeries", max_surgeries, allow_zero=True)
         check_positive_float("target_std", target_std)
+        check_bool("auto_intervene", auto_intervene)
+        check_bool("histograms", histograms)
         _check_fraction("epsilon", epsilon, low=0.0, high=0.5, closed_high=False)
         _check_fraction("unit_threshold", unit_threshold, low=0.0, high=1.0, closed_high=True)
         _check_fraction(

@@ -78,6 +78,9 @@ class _Step:
     abs_sums: Tensor | None = None
     skipped: bool = False
     snapshotted: bool = False
+    # the logging window closed at this step: [non-finite, overflow, clipped, worst norm, its clipped value] and steps
+    window: Tensor | None = None
+    window_steps: int = 0
 
 
 class GradientFlowCallback(Callback):
@@ -449,6 +452,11 @@ class GradientFlowCallback(Callback):
         if (pending.log or pending.histogram or pending.figure) and self.track_update_ratio and not pending.skipped:
             self._snapshot(params)
             pending.snapshotted = True
+        self._steps_since_log += 1
+        if pending.log:  # closed here, not at the batch's end: several optimizers step within one batch
+            pending.window = self._open_window()
+            pending.window_steps = self._steps_since_log
+            self._reset_window(device)
         self._pending.append(pending)
         self._last = pending
         self._measured = (step, torch.where(nonfinite > 0, torch.full_like(total_norm, math.nan), total_norm))
@@ -522,7 +530,6 @@ class GradientFlowCallback(Callback):
     ) -> None:
         pending, self._pending = self._pending, []
         for item in pending:
-            self._steps_since_log += 1
             if item.log or item.histogram or item.figure:
                 self._report(trainer, item)
                 if item.log and self._last is item:
@@ -545,15 +552,12 @@ class GradientFlowCallback(Callback):
         parts: dict[str, Tensor] = {
             "layers": item.layer_stats.table,
             "streaks": self._streaks,
-            "scalars": torch.stack(
+            "scalars": torch.cat(
                 [
-                    item.total_norm.float(),
-                    self._nonfinite,
-                    self._overflow,
-                    self._clipped,
-                    *self._worst,
-                    torch.zeros((), device=device) if item.threshold is None else item.threshold.float(),
-                    torch.ones((), device=device) if item.coef is None else item.coef.float(),
+                    item.total_norm.float().reshape(1),
+                    item.window if item.window is not None else self._open_window(),
+                    torch.zeros(1, device=device) if item.threshold is None else item.threshold.float().reshape(1),
+                    torch.ones(1, device=device) if item.coef is None else item.coef.float().reshape(1),
                 ]
             ),
         }
@@ -566,8 +570,9 @@ class GradientFlowCallback(Callback):
         if item.abs_sums is not None:
             parts["abs_sums"] = item.abs_sums
         host = _to_host(parts)  # the one device-to-host transfer of this logging step
-        steps_in_window = self._steps_since_log
-        if item.log:  # histogram- or figure-only steps leave the logging window open
+        steps_in_window = item.window_steps
+        if item.log and item.window is None:  # the unfinished window reported at the end of training
+            steps_in_window = self._steps_since_log
             self._reset_window(device)
 
         layer_stats = TensorStats(host["layers"])
@@ -577,13 +582,16 @@ class GradientFlowCallback(Callback):
         vanishing = [i for i in present if streaks[0, i] >= self.rule.patience]
         exploding = [i for i in present if streaks[1, i] >= self.rule.patience]
         self._warn_new(item.step, vanishing, exploding, layer_stats)
-        self._record_window(item.step, scalars, steps_in_window)
-        if item.log:
+        if item.log:  # histogram- or figure-only steps leave the logging window open
+            self._record_window(item.step, scalars, steps_in_window)
             metrics = self._metrics(item, host, layer_stats, present, scalars, len(vanishing), len(exploding))
             self.last_metrics = metrics
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=item.step)
         self._write_tensorboard(trainer, item, host, layer_stats, present, set(vanishing), set(exploding))
+
+    def _open_window(self) -> Tensor:
+        return torch.cat([torch.stack([self._nonfinite, self._overflow, self._clipped]), self._worst])
 
     def _metrics(
         self,
