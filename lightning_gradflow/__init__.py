@@ -6,6 +6,7 @@ from lightning_gradflow.callbacks import (
     EarlyCollapseCallback,
     GateSurgeryCallback,
     GradientFlowCallback,
+    SharpnessCallback,
 )
 from lightning_gradflow.interventions import Intervention
 
@@ -15,5 +16,6 @@ __all__ = [
     "GateSurgeryCallback",
     "GradientFlowCallback",
     "Intervention",
+    "SharpnessCallback",
     "__version__",
 ]

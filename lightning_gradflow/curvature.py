@@ -188,35 +188,72 @@ def lanczos(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
+    tol: float | None = None,
+    track_smallest: bool = False,
+    reorthogonalize: bool = True,
 ) -> Tensor:
     """Ritz values of a symmetric operator after ``num_steps`` Lanczos steps (one product each), ascending.
 
-    Full reorthogonalisation (twice, against every previous vector) keeps the basis orthogonal in floating point,
-    so the extreme Ritz values converge without ghost copies; the basis costs ``num_steps × dim`` memory.
+    The three-term recurrence followed by a full reorthogonalisation against every previous vector keeps the basis
+    orthogonal in floating point, so the extreme Ritz values converge without ghost copies; the basis is one
+    preallocated ``num_steps × dim`` buffer, and each step reads it twice (a matrix-vector product each way).
+    With ``reorthogonalize=False`` only the recurrence runs (``O(dim)`` per step, no basis kept): orthogonality is
+    lost as Ritz values converge, which adds duplicate copies of converged values but does not move the largest and
+    smallest ones (Paige), so it suffices for λ_max; use the default for interior or several eigenvalues.
+
+    With ``tol``, it stops early once the largest Ritz value (and, with ``track_smallest``, the smallest) changed by
+    less than ``tol`` times the largest magnitude in the last step: ``num_steps`` becomes a cap. Lanczos converges
+    to the extreme eigenvalues much faster than power iteration, so this usually stops well before the cap.
     """
     device = torch.device(device)
     q = _random_unit(dim, dtype, device, generator)
-    basis: list[Tensor] = []
+    steps = min(num_steps, dim)
+    # written in place, no copies per step; without reorthogonalisation only the last two vectors are kept
+    basis = torch.empty((steps if reorthogonalize else 2, dim), dtype=dtype, device=device)
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
-    for _ in range(min(num_steps, dim)):
-        basis.append(q)
+    previous: Tensor | None = None
+    for j in range(steps):
+        row = j if reorthogonalize else j % 2
+        basis[row] = q
         w = matvec(q)
         alpha = torch.dot(w, q)
         alphas.append(alpha)
-        q_matrix = torch.stack(basis)
-        for _ in range(2):
-            w = w - q_matrix.t() @ (q_matrix @ w)
+        w = w - alpha * q  # the three-term recurrence
+        if j > 0:
+            w = w - betas[-1] * basis[row - 1 if reorthogonalize else 1 - row]
+        if reorthogonalize:  # then full reorthogonalisation against every vector
+            done = basis[: j + 1]
+            w = torch.addmv(w, done.t(), done @ w, alpha=-1)
         beta = torch.linalg.vector_norm(w)
         if float(beta) <= 1e-10 * max(1.0, float(alpha.abs())):  # an invariant subspace: the Ritz values are exact
             break
+        if tol is not None:
+            ritz = _ritz_values(alphas, betas)
+            if not bool(torch.isfinite(ritz).all()):
+                break
+            if previous is not None and len(alphas) >= 3:
+                scale = float(ritz.abs().max())
+                change = abs(float(ritz[-1] - previous[-1]))
+                if track_smallest:
+                    change = max(change, abs(float(ritz[0] - previous[0])))
+                if change <= tol * scale:
+                    break
+            previous = ritz
         betas.append(beta)
         q = w / beta
+    return _ritz_values(alphas, betas)
+
+
+def _ritz_values(alphas: list[Tensor], betas: list[Tensor]) -> Tensor:
+    """Eigenvalues (ascending, float64, CPU) of the Lanczos tridiagonal matrix of ``alphas`` and ``betas``."""
     k = len(alphas)
-    tridiagonal = torch.diag(torch.stack(alphas).double())
+    tridiagonal = torch.diag(torch.stack(alphas).double().cpu())
     if k > 1:
-        off = torch.stack(betas[: k - 1]).double()
+        off = torch.stack(betas[: k - 1]).double().cpu()
         tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+    if not bool(torch.isfinite(tridiagonal).all()):  # a diverged loss: no eigenvalues to report
+        return torch.full((k,), math.nan, dtype=torch.float64)
     return torch.linalg.eigvalsh(tridiagonal)
 
 
@@ -260,6 +297,8 @@ def hessian_eigenvalues(
     num_hvps: int = 20,
     hvp: HvpMethod = "double_backward",
     generator: torch.Generator | None = None,
+    tol: float | None = None,
+    reorthogonalize: bool = True,
 ) -> Tensor:
     """Extreme eigenvalues of the Hessian of ``loss_fn`` at ``params``, as a 1-D float64 tensor sorted descending.
 
@@ -272,6 +311,10 @@ def hessian_eigenvalues(
         num_hvps: Hessian-vector products to spend (Lanczos steps, or the power-iteration cap).
         hvp: how products are computed (see :class:`HessianVectorProduct`).
         generator: random stream of the start vector (use your own so training's RNG is untouched).
+        tol: Lanczos only: stop before ``num_hvps`` products once the requested end(s) changed by less than ``tol``
+            (relative to the largest magnitude) in one step (see :func:`lanczos`).
+        reorthogonalize: Lanczos only: full reorthogonalisation (default); ``False`` is cheaper per product
+            (no ``num_hvps × parameters`` basis) and enough for ``k=1`` (see :func:`lanczos`).
 
     Example::
 
@@ -296,7 +339,17 @@ def hessian_eigenvalues(
             return value.reshape(1)
         if method != "lanczos":
             raise ValueError(f"Expected `method` to be 'lanczos' or 'power', but got {method!r}.")
-        ritz = lanczos(op, op.dim, num_hvps, dtype=op.dtype, device=op.device, generator=generator)
+        ritz = lanczos(
+            op,
+            op.dim,
+            num_hvps,
+            dtype=op.dtype,
+            device=op.device,
+            generator=generator,
+            tol=tol,
+            track_smallest=which != "largest",
+            reorthogonalize=reorthogonalize,
+        )
     finally:
         op.release()
     descending = ritz.flip(0).cpu()
@@ -592,6 +645,8 @@ class StabilityRule:
         lr: the learning rate it was computed for (NaN when unknown).
         beta: the momentum (β₁ for Adam).
         reason: for ``"unknown"``, why no threshold is known.
+        settled: ``False`` while the threshold does not apply yet: Adam before ``1/(1 − β₁)`` steps, when its
+            first-moment average (the momentum the threshold is derived for) still warms up and ``P`` changes fast.
     """
 
     kind: str
@@ -600,6 +655,7 @@ class StabilityRule:
     lr: float = math.nan
     beta: float = 0.0
     reason: str = ""
+    settled: bool = True
 
     @property
     def known(self) -> bool:
@@ -672,7 +728,9 @@ def stability_rule(optimizer: torch.optim.Optimizer) -> StabilityRule:
         threshold = stability_threshold(kind, lr, beta, dampening if kind == "heavy_ball" else 0.0, weight_decay)
         return StabilityRule(kind, threshold, False, lr, beta)
     beta1 = float(group["betas"][0])
-    return StabilityRule("adam", stability_threshold("adam", lr, beta1), True, lr, beta1)
+    steps = [_scalar(state["step"]) for state in optimizer.state.values() if "step" in state]
+    settled = bool(steps) and max(steps) >= 1 / (1 - beta1)
+    return StabilityRule("adam", stability_threshold("adam", lr, beta1), True, lr, beta1, settled=settled)
 
 
 def adam_preconditioner(
@@ -726,6 +784,8 @@ def preconditioned_sharpness(
     *,
     hvp: HvpMethod = "double_backward",
     generator: torch.Generator | None = None,
+    tol: float | None = None,
+    reorthogonalize: bool = True,
 ) -> float:
     """``λ_max(P⁻¹H)``, as ``λ_max(P^{-1/2} H P^{-1/2})`` (same spectrum, symmetric) by Lanczos.
 
@@ -736,6 +796,8 @@ def preconditioned_sharpness(
         num_hvps: Lanczos steps (one Hessian-vector product each).
         hvp: how products are computed.
         generator: random stream of the start vector.
+        tol: stop early once the estimate changes by less than ``tol`` (relative) in one step.
+        reorthogonalize: full reorthogonalisation of the Lanczos basis (see :func:`lanczos`).
 
     Example::
 
@@ -751,7 +813,14 @@ def preconditioned_sharpness(
     scale = _flat([q.detach().to(op.dtype) for q in preconditioner]).rsqrt()
     try:
         ritz = lanczos(
-            lambda v: scale * op(scale * v), op.dim, num_hvps, dtype=op.dtype, device=op.device, generator=generator
+            lambda v: scale * op(scale * v),
+            op.dim,
+            num_hvps,
+            dtype=op.dtype,
+            device=op.device,
+            generator=generator,
+            tol=tol,
+            reorthogonalize=reorthogonalize,
         )
     finally:
         op.release()

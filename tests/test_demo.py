@@ -1,112 +1,121 @@
+"""The main job (``python -m lightning_gradflow.demo``), and the engine's plain-loop example."""
+
 import contextlib
 import io
 import math
 import os
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.loggers import Logger
+from models import RecordingLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from lightning_gradflow import GradientFlowCallback
-from lightning_gradflow.demo import main
+from lightning_gradflow.demo import SCENARIOS, main
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = ("embed", "lstm/0", "lstm/1", "head")
-PER_LAYER = ("grad_norm", "grad_rms", "grad_absmax", "zero_fraction", "weight_norm", "update_ratio", "flow_ratio")
+FAMILIES = ("gradflow/", "gates/", "sharpness/", "collapse/")
+
+
+def _run_demo(*argv: str) -> tuple[int, str]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["--no-progress-bar", *argv])
+    return code, buf.getvalue()
+
+
+def _scalar_tags(run_dir: Path) -> set[str]:
+    event_files = sorted(run_dir.rglob("events.out.tfevents.*"))
+    assert event_files, f"no TensorBoard events under {run_dir}"
+    tags: set[str] = set()
+    for path in event_files:
+        acc = EventAccumulator(str(path.parent), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, str]:
+def short_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, Path]:
     out = tmp_path_factory.mktemp("demo")
-    argv = ["--steps", "25", "--log-every-n-steps", "10", "--histogram-every-n-steps", "10", "--batch-size", "16"]
-    argv += ["--seq-len", "32", "--hidden-size", "32", "--accelerator", "cpu", "--output-dir", str(out)]
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = main(argv)
-    return code, out, buf.getvalue()
+    code, stdout = _run_demo("--scenario", "saturated-lstm", "--steps", "60", "--output-dir", str(out))
+    return code, stdout, out
 
 
-def _accumulator(out: Path) -> EventAccumulator:
-    event_files = sorted(out.rglob("events.out.tfevents.*"))
-    assert len(event_files) == 1, event_files
-    acc = EventAccumulator(str(event_files[0].parent), size_guidance={"scalars": 0, "histograms": 0})
-    acc.Reload()
-    return acc
-
-
-def test_demo_exits_zero_and_reports(demo_run: tuple[int, Path, str]) -> None:
-    code, out, stdout = demo_run
+def test_demo_reports_each_run_and_the_tensorboard_command(short_demo: tuple[int, str, Path]) -> None:
+    code, stdout, out = short_demo
     assert code == 0
-    assert "Trained 25 steps" in stdout
-    assert "Training loss:" in stdout
-    assert "smallest" in stdout
-    assert "largest" in stdout
+    assert "Health report" in stdout
+    assert "== saturated-lstm:" in stdout
+    assert "found:" in stdout and "GateSurgeryCallback: gate 'lstm/l0/input'" in stdout
+    assert "done (auto_intervene=True):" in stdout and "GateSurgeryCallback.gate_surgery" in stdout
+    assert "loss (    monitored)" in stdout and "loss (     repaired)" in stdout
     assert f"tensorboard --logdir {out}" in stdout
 
 
-def test_demo_logs_engine_scalars_for_every_layer(demo_run: tuple[int, Path, str]) -> None:
-    _, out, _ = demo_run
-    acc = _accumulator(out)
-    scalars = set(acc.Tags()["scalars"])
-    expected = {f"gradflow/{name}/{layer}" for name in PER_LAYER for layer in LAYERS}
-    expected |= {"gradflow/grad_norm_total", "gradflow/nonfinite_grads"}
-    assert expected <= scalars, sorted(expected - scalars)
-
-    for tag in expected:
-        events = acc.Scalars(tag)
-        # logging steps, then the final partial window (no update ratio there: no snapshot was taken before it)
-        assert [e.step for e in events] == ([9, 19] if "update_ratio" in tag else [9, 19, 24]), tag
-        assert all(math.isfinite(e.value) for e in events), tag
-    for layer in LAYERS:
-        assert all(0 <= e.value <= 1 for e in acc.Scalars(f"gradflow/zero_fraction/{layer}")), layer
-    assert all(e.value == 0 for e in acc.Scalars("gradflow/nonfinite_grads"))
-    assert all(e.value > 0 for layer in LAYERS for e in acc.Scalars(f"gradflow/update_ratio/{layer}"))
-
-    for i, total in enumerate(acc.Scalars("gradflow/grad_norm_total")):
-        per_layer = [acc.Scalars(f"gradflow/grad_norm/{layer}")[i].value for layer in LAYERS]
-        assert total.value == pytest.approx(math.sqrt(sum(v * v for v in per_layer)), rel=1e-4)
+def test_demo_logs_all_four_callback_families(short_demo: tuple[int, str, Path]) -> None:
+    _, _, out = short_demo
+    for run in ("monitored", "repaired"):
+        tags = _scalar_tags(out / "saturated-lstm" / run)
+        for family in FAMILIES:
+            assert any(t.startswith(family) for t in tags), (run, family, sorted(tags)[:20])
 
 
-def test_demo_writes_gradient_histograms(demo_run: tuple[int, Path, str]) -> None:
-    _, out, _ = demo_run
-    acc = _accumulator(out)
-    histograms = set(acc.Tags()["histograms"])
-    assert {f"gradflow/grad_hist/{layer}" for layer in LAYERS} <= histograms
-    for layer in LAYERS:
-        events = acc.Histograms(f"gradflow/grad_hist/{layer}")
-        assert [e.step for e in events] == [9, 19]
-        h = events[0].histogram_value
-        assert h.num > 0
-        assert sum(h.bucket) == h.num
-        assert h.min <= h.max
+def test_no_intervene_runs_only_the_monitoring_run(tmp_path: Path) -> None:
+    code, stdout = _run_demo("--scenario", "collapse", "--steps", "12", "--no-intervene", "--output-dir", str(tmp_path))
+    assert code == 0
+    assert (tmp_path / "collapse" / "monitored").is_dir()
+    assert not (tmp_path / "collapse" / "repaired").exists()
+    assert "done (auto_intervene=True)" not in stdout and "loss (     repaired)" not in stdout
 
 
-class _RecordingLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--scenario", "nope"]])
+def test_bad_arguments_exit_with_usage(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(io.StringIO()):
+        main(argv)
+    assert exc.value.code == 2
 
-    @property
-    def name(self) -> str:
-        return "recording"
 
-    @property
-    def version(self) -> int:
-        return 0
+def test_console_script_points_at_main() -> None:
+    scripts = {e.name: e.value for e in metadata.entry_points(group="console_scripts")}
+    assert scripts.get("gradflow-demo") == "lightning_gradflow.demo:main"
 
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        assert step is not None
-        self.rows.append((step, dict(metrics)))
+@pytest.mark.slow
+def test_saturated_lstm_is_repaired(tmp_path: Path) -> None:
+    """The default run: with gate surgery the LSTM learns; monitored, it stays near a unigram model."""
+    code, stdout = _run_demo("--scenario", "saturated-lstm", "--output-dir", str(tmp_path))
+    assert code == 0
+    monitored = _loss_of(stdout, "monitored")
+    repaired = _loss_of(stdout, "repaired")
+    assert repaired < monitored - 0.5, stdout
+
+
+@pytest.mark.slow
+def test_collapse_is_recovered(tmp_path: Path) -> None:
+    code, stdout = _run_demo("--scenario", "collapse", "--output-dir", str(tmp_path))
+    assert code == 0
+    assert "non-finite (collapsed)" in stdout.split("loss (     repaired)")[0], stdout
+    assert math.isfinite(_loss_of(stdout, "repaired")), stdout
+    assert "EarlyCollapseCallback.rollback" in stdout
+
+
+def _loss_of(stdout: str, label: str) -> float:
+    line = next(ln for ln in stdout.splitlines() if ln.strip().startswith("loss (") and f"{label})" in ln)
+    value = line.split("):", 1)[1].split()[0]
+    return math.nan if value == "non-finite" else float(value)
+
+
+def test_every_scenario_has_a_title_and_steps() -> None:
+    assert set(SCENARIOS) == {"saturated-lstm", "vanishing", "collapse"}
+    assert all(s.title and s.steps > 0 for s in SCENARIOS.values())
 
 
 class _PartlyUnusedModel(LightningModule):
@@ -126,7 +135,7 @@ class _PartlyUnusedModel(LightningModule):
 
 def test_layers_without_gradients_are_skipped(tmp_path: Path) -> None:
     data = torch.utils.data.TensorDataset(torch.randn(16, 4))
-    recorder = _RecordingLogger()
+    recorder = RecordingLogger()
     callback = GradientFlowCallback(log_every_n_steps=2, histogram_every_n_steps=0, figure_every_n_steps=0)
     trainer = Trainer(
         accelerator="cpu",

@@ -1,0 +1,333 @@
+"""Cost of one sharpness estimate in training-step equivalents, per Hessian-vector-product method, against PyHessian.
+
+What ``SharpnessCallback`` spends on a probe step, measured on the functions it calls (``lightning_gradflow.curvature``)
+under the same wrappers (``isolated``: weights, gradients, buffers and RNG saved and restored; ``fixed_dropout``):
+
+* **training step**: forward, loss, backward, AdamW step (the unit);
+* **λ_max** by Lanczos with ``--hvps`` products (default 20, the callback's ``num_hvps``), with full
+  reorthogonalisation (kept basis) and plain (the callback's λ_max-only path: no basis), and plain with the callback's
+  early stop (``--tol``, default 1e-3: stop when the estimate moved less than that in one step, at most ``--hvps``
+  products); HVP methods: ``double_backward`` (exact: one ``create_graph`` forward/backward, then a double
+  backward per product) and ``finite_difference`` (central differences: two gradients per product, no graph kept);
+* **batch sharpness** (one gradient and one product), per method;
+* **PyHessian** ``hessian(model, criterion, data).eigenvalues()`` (power iteration, Gaussian start, relative tolerance
+  1e-3, at most 100 products; double backward) when the ``pyhessian`` package can be imported: the peer the callback
+  is compared with. Otherwise the row says "skipped: not installed".
+
+Every part runs round-robin (one of each per round, ``--reps`` rounds after ``--warmup``), so machine drift hits all
+parts alike; the table shows medians and the ratio to the training step, and the λ_max each method found (Lanczos
+with exact products is the reference).
+
+Models: a 4-layer pre-norm transformer language model (d=256, written-out attention: PyTorch's fused CPU attention has
+no double backward) and a 3-layer MLP classifier, a few million parameters each.
+
+Usage (from the repository root)::
+
+    python benchmarks/sharpness.py --threads 1          # CPU: a few minutes
+    python benchmarks/sharpness.py --quick              # a smoke test
+    PYTHONPATH=/path/to/pyhessian python benchmarks/sharpness.py --threads 1   # with the PyHessian comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gradflow.curvature import HessianVectorProduct, batch_sharpness, fixed_dropout, isolated
+from lightning_gradflow.curvature import lanczos as curvature_lanczos
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OUT_DIR = REPO_ROOT / "benchmarks" / "out"
+METHODS = ("double_backward", "finite_difference")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
+    p.add_argument("--models", default="transformer,mlp", help="comma-separated: transformer, mlp")
+    p.add_argument("--hvps", type=int, default=20, help="Lanczos products per λ_max estimate (default 20)")
+    p.add_argument("--tol", type=float, default=1e-3, help="Lanczos early-stop tolerance (callback default 1e-3)")
+    p.add_argument("--reps", type=int, default=5, help="timed rounds (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true", help="small models, one round: a smoke test")
+    p.add_argument("--json", type=Path, default=None, help="default: benchmarks/out/sharpness_<device>[_quick].json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.reps, args.warmup = 1, 0
+    return args
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": _version("lightning"),
+        "pyhessian": _version("pyhessian") or ("importable" if _pyhessian() is not None else None),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _pyhessian() -> Any:
+    try:
+        import pyhessian  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return pyhessian
+
+
+# ------------------------------------------------------------------------------------------------------ models
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, h: Tensor) -> Tensor:
+        b, t, d = h.shape
+        q, k, v = self.qkv(self.norm1(h)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
+        mask = torch.ones(t, t, dtype=torch.bool, device=h.device).triu(1)
+        attn = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1) @ v
+        h = h + self.proj(attn.transpose(1, 2).reshape(b, t, d))
+        return h + self.ff(self.norm2(h))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, seq: int) -> None:
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.zeros(seq, d))
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x) + self.pos[: x.shape[1]]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h))
+
+
+def build(name: str, quick: bool, device: torch.device) -> tuple[nn.Module, Tensor, Tensor, Callable[..., Tensor], str]:
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if name == "transformer":
+        vocab, d, layers, seq, batch = (256, 64, 2, 32, 8) if quick else (2048, 256, 4, 64, 16)
+        model: nn.Module = TinyGPT(vocab, d, layers, 4, seq)
+        x = torch.randint(0, vocab, (batch, seq), generator=gen)
+        y = torch.randint(0, vocab, (batch, seq), generator=gen)
+
+        def criterion(out: Tensor, target: Tensor) -> Tensor:
+            return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+
+        shape = f"TinyGPT {layers}×{d}, vocab {vocab}, batch {batch}×{seq}"
+    elif name == "mlp":
+        width, batch = (128, 32) if quick else (1024, 128)
+        model = nn.Sequential(
+            nn.Linear(784, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 10)
+        )
+        x = torch.randn(batch, 784, generator=gen)
+        y = torch.randint(0, 10, (batch,), generator=gen)
+        criterion = nn.functional.cross_entropy
+        shape = f"MLP 784-{width}-{width}-10, batch {batch}"
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    params = sum(p.numel() for p in model.parameters())
+    return model.to(device), x.to(device), y.to(device), criterion, f"{shape} ({params / 1e6:.2f}M params)"
+
+
+# ------------------------------------------------------------------------------------------------------ timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    model, x, y, criterion, description = build(name, args.quick, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    pyhessian = _pyhessian()
+    values: dict[str, list[float]] = {}
+    hvps: dict[str, list[int]] = {}
+
+    def loss() -> Tensor:
+        return criterion(model(x), y)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+        optimizer.step()
+
+    def lanczos(method: str, tol: float | None, reorthogonalize: bool) -> Callable[[], None]:
+        label = f"{method}{'' if tol is None else f', tol {tol:g}'}{'' if reorthogonalize else ', plain'}"
+
+        def run() -> None:
+            with isolated(model, params, seed=0):
+                op = HessianVectorProduct(fixed_dropout(loss, 0), params, method)  # type: ignore[arg-type]
+                try:
+                    ritz = curvature_lanczos(
+                        op,
+                        op.dim,
+                        args.hvps,
+                        dtype=op.dtype,
+                        device=op.device,
+                        generator=torch.Generator().manual_seed(0),
+                        tol=tol,
+                        reorthogonalize=reorthogonalize,
+                    )
+                finally:
+                    op.release()
+            values.setdefault(f"lambda_max {label}", []).append(float(ritz.max()))
+            hvps.setdefault(label, []).append(op.num_products)
+
+        return run
+
+    def batch(method: str) -> Callable[[], None]:
+        def run() -> None:
+            with isolated(model, params, seed=0):
+                value = batch_sharpness(fixed_dropout(loss, 0), params, method)  # type: ignore[arg-type]
+            values.setdefault(f"batch_sharpness {method}", []).append(value)
+
+        return run
+
+    def pyhessian_power() -> None:
+        import pyhessian  # type: ignore[import-not-found]  # noqa: F401
+
+        ph = sys.modules["pyhessian.hessian"]  # the package re-exports the class `hessian` under the module's name
+
+        count = [0]
+        original = ph.hessian_vector_product
+
+        def counted(*a: Any, **k: Any) -> Any:
+            count[0] += 1
+            return original(*a, **k)
+
+        ph.hessian_vector_product = counted
+        try:
+            with isolated(model, params, seed=0):
+                h = ph.hessian(model, criterion, data=(x, y), cuda=device.type == "cuda")
+                eigenvalues, _ = h.eigenvalues(maxIter=100, tol=1e-3, top_n=1)
+                model.zero_grad(set_to_none=True)
+        finally:
+            ph.hessian_vector_product = original
+            model.train()
+        values.setdefault("lambda_max pyhessian", []).append(float(eigenvalues[0]))
+        hvps.setdefault("pyhessian", []).append(count[0])
+
+    parts: dict[str, Callable[[], None]] = {"training step": step}
+    for method in METHODS:
+        parts[f"λ_max, Lanczos {args.hvps} HVPs, full reorth., {method}"] = lanczos(method, None, True)
+        parts[f"λ_max, Lanczos {args.hvps} HVPs, plain, {method}"] = lanczos(method, None, False)
+    parts[f"λ_max, Lanczos ≤{args.hvps} HVPs, plain, tol {args.tol:g}, double_backward"] = lanczos(
+        "double_backward", args.tol, False
+    )
+    for method in METHODS:
+        parts[f"batch sharpness, {method}"] = batch(method)
+    if pyhessian is not None:
+        parts["PyHessian power iteration (tol 1e-3, ≤100 HVPs, double backward)"] = pyhessian_power
+    times: dict[str, list[float]] = {k: [] for k in parts}
+    for round_ in range(args.warmup + args.reps):
+        for part, fn in parts.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_ >= args.warmup:
+                times[part].append(time.perf_counter() - start)
+    step_time = statistics.median(times["training step"])
+    rows = []
+    for part, samples in times.items():
+        median = statistics.median(samples)
+        rows.append({"part": part, "median_s": median, "step_equivalents": median / step_time, "samples_s": samples})
+    if pyhessian is None:
+        rows.append({"part": "PyHessian power iteration", "skipped": "not installed (pip install pyhessian)"})
+    return {
+        "model": name,
+        "description": description,
+        "rows": rows,
+        "values": {k: statistics.median(v) for k, v in values.items()},
+        "hvps_per_estimate": hvps,
+    }
+
+
+def print_report(results: list[dict[str, Any]]) -> None:
+    for result in results:
+        print(f"\n{result['description']}")
+        print(f"{'part':<70} {'median':>10} {'× step':>8}")
+        for row in result["rows"]:
+            if "skipped" in row:
+                print(f"{row['part']:<70} {'skipped: ' + row['skipped']}")
+                continue
+            print(f"{row['part']:<70} {row['median_s'] * 1e3:8.1f}ms {row['step_equivalents']:8.2f}")
+        reference = result["values"].get("lambda_max double_backward")
+        print("λ_max found (relative to Lanczos with exact products):")
+        for key, value in result["values"].items():
+            rel = f" ({value / reference - 1:+.2e})" if reference and key.startswith("lambda_max") else ""
+            print(f"  {key:<40} {value:12.6g}{rel}")
+        for label, counts in result["hvps_per_estimate"].items():
+            print(f"  products per estimate, {label}: {counts}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    machine = machine_info(device)
+    print(json.dumps(machine))
+    results = [measure_model(name, args, device) for name in args.models.split(",") if name.strip()]
+    print_report(results)
+    path = args.json or OUT_DIR / f"sharpness_{device.type}{'_quick' if args.quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    path.write_text(json.dumps({"command": command, "machine": machine, "results": results}, indent=1))
+    print(f"\nwritten: {path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}")
+
+
+if __name__ == "__main__":
+    main()

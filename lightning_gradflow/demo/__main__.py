@@ -1,0 +1,3 @@
+from lightning_gradflow.demo import main
+
+raise SystemExit(main())

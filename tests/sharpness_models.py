@@ -1,0 +1,148 @@
+"""Models with known Hessians and a per-rank report, for the SharpnessCallback tests (module level: they pickle)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradflow.callbacks.sharpness import SharpnessCallback
+
+
+def regression_data(n: int = 64, features: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Inputs with unequal feature scales (a well separated top eigenvalue) and a noisy linear target."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=gen) * torch.linspace(2.0, 0.5, features)
+    y = x @ torch.randn(features, 1, generator=gen) + 0.1 * torch.randn(n, 1, generator=gen)
+    return x, y
+
+
+def loader(x: Tensor, y: Tensor, batch_size: int | None = None) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size or len(x), shuffle=False)
+
+
+def exact_hessian(x: Tensor) -> Tensor:
+    """The Hessian of ``mean((x w + b − y)²)`` in (w, b): ``2/n [x 1]ᵀ[x 1]`` (float64), in parameter order."""
+    design = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    return 2 * design.T @ design / len(x)
+
+
+class LinearRegression(LightningModule):
+    """``nn.Linear(features, 1)`` with MSE: a quadratic loss whose Hessian does not depend on the weights."""
+
+    def __init__(
+        self, features: int = 4, lr: float = 0.1, optimizer: str = "sgd", momentum: float = 0.0, schedule: bool = False
+    ) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(features, 1)
+        with torch.no_grad():
+            self.layer.weight.zero_()
+            self.layer.bias.zero_()
+        self.lr = lr
+        self.optimizer_name = optimizer
+        self.momentum = momentum
+        self.schedule = schedule
+        self.losses: list[float] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        self.log("train_loss", loss)
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            raise AssertionError("the probe must run with gradients enabled")
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_name == "adam":
+            opt: torch.optim.Optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        elif self.optimizer_name == "rmsprop":
+            opt = torch.optim.RMSprop(self.parameters(), lr=self.lr)
+        else:
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+        if not self.schedule:
+            return opt
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)  # recomputes lr from base_lrs
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class NoisyNet(LightningModule):
+    """BatchNorm, dropout and momentum: anything a probe could disturb (running statistics, RNG, gradients)."""
+
+    def __init__(self, optimizer: str = "sgd") -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 16), nn.ReLU()
+        )
+        self.head = nn.Linear(16, 1)
+        self.optimizer_name = optimizer
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.head(self.net(x)), y)
+        self.log("train_loss", loss, on_epoch=True)
+        return {"loss": loss}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "adam":
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+
+
+class RankStrided(torch.utils.data.Dataset):
+    """Rank ``r`` of ``w`` reads samples ``r, r + w, ...`` (rank read lazily, in the worker)."""
+
+    def __init__(self, x: Tensor, y: Tensor, world_size: int) -> None:
+        self.x, self.y, self.world_size = x, y, world_size
+
+    def __len__(self) -> int:
+        return len(self.x) // self.world_size
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        j = i * self.world_size + rank
+        return self.x[j], self.y[j]
+
+
+class LocalProbe(Callback):
+    """Records, per step, what the callback measured locally before the all-reduce (list it after the callback)."""
+
+    def __init__(self) -> None:
+        self.local: dict[int, float] = {}
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        x, _ = batch
+        self.local[trainer.global_step - 1] = float(torch.linalg.eigvalsh(exact_hessian(x))[-1])
+
+
+class SharpnessRankReport(Callback):
+    """Writes what each rank saw to ``<out_dir>/rank<r>.pt`` at the end of training."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        callback = next(c for c in trainer.callbacks if isinstance(c, SharpnessCallback))  # type: ignore[attr-defined]
+        local = next(c for c in trainer.callbacks if isinstance(c, LocalProbe))  # type: ignore[attr-defined]
+        report = {
+            "world_size": trainer.world_size,
+            "local": local.local,
+            "rows": [row for row in trainer.loggers[0].rows],  # type: ignore[attr-defined]
+            "interventions": [i.to_dict() for i in callback.interventions],
+            "factor": callback.cumulative_factor,
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "weights": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
+        }
+        torch.save(report, f"{self.out_dir}/rank{trainer.global_rank}.pt")
