@@ -4,19 +4,25 @@ What ``SharpnessCallback`` spends on a probe step, measured on the functions it 
 under the same wrappers (``isolated``: weights, gradients, buffers and RNG saved and restored; ``fixed_dropout``):
 
 * **training step**: forward, loss, backward, AdamW step (the unit);
-* **λ_max** by Lanczos with ``--hvps`` products (default 20, the callback's ``num_hvps``), with full
-  reorthogonalisation (kept basis) and plain (the callback's λ_max-only path: no basis), and plain with the callback's
-  early stop (``--tol``, default 1e-3: stop when the estimate moved less than that in one step, at most ``--hvps``
-  products); HVP methods: ``double_backward`` (exact: one ``create_graph`` forward/backward, then a double
-  backward per product) and ``finite_difference`` (central differences: two gradients per product, no graph kept);
+* **λ_max, cold**: what one probe of the callback (``metrics=("lambda_max",)``) computes: plain Lanczos (no
+  reorthogonalisation), at most ``--hvps`` products (default 20, the callback's ``num_hvps``), early stop ``--tol``
+  (default 1e-3, the callback's ``lanczos_tol``), from a random start;
+* **λ_max, warm**: the same from the previous round's top Ritz vector (the callback's ``warm_start``): the weights
+  moved by one training step (``--warm-gap`` steps) since that vector was computed, as for a callback probing every
+  step (every ``--warm-gap`` steps); the first (warm-up) round starts cold;
+* with ``--full-reorth``, also Lanczos with exactly ``--hvps`` products, with and without full reorthogonalisation
+  (the previous version of this table);
+* HVP methods: ``double_backward`` (exact: one ``create_graph`` forward/backward, then a double backward per product)
+  and ``finite_difference`` (central differences: two gradients per product, no graph kept);
 * **batch sharpness** (one gradient and one product), per method;
 * **PyHessian** ``hessian(model, criterion, data).eigenvalues()`` (power iteration, Gaussian start, relative tolerance
   1e-3, at most 100 products; double backward) when the ``pyhessian`` package can be imported: the peer the callback
   is compared with. Otherwise the row says "skipped: not installed".
 
 Every part runs round-robin (one of each per round, ``--reps`` rounds after ``--warmup``), so machine drift hits all
-parts alike; the table shows medians and the ratio to the training step, and the λ_max each method found (Lanczos
-with exact products is the reference).
+parts alike; the table shows medians and the ratio to the training step, the products per estimate, and each λ_max
+estimate's error against a **reference** computed in the same round at the same weights (untimed): Lanczos with 40
+exact products and full reorthogonalisation, from a random start.
 
 Models: a 4-layer pre-norm transformer language model (d=256, written-out attention: PyTorch's fused CPU attention has
 no double backward) and a 3-layer MLP classifier, a few million parameters each.
@@ -64,11 +70,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="timed rounds (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--warm-gap", type=int, default=1, help="training steps between warm estimates (default 1)")
+    p.add_argument("--reference-hvps", type=int, default=40, help="products of the reference λ_max (default 40)")
+    p.add_argument("--full-reorth", action="store_true", help="also time fixed-length Lanczos, full reorth./plain")
     p.add_argument("--quick", action="store_true", help="small models, one round: a smoke test")
     p.add_argument("--json", type=Path, default=None, help="default: benchmarks/out/sharpness_<device>[_quick].json")
     args = p.parse_args(argv)
     if args.quick:
-        args.reps, args.warmup = 1, 0
+        args.reps, args.warmup = 1, 1
+    args.warmup = max(args.warmup, 1)  # the warm estimates need a vector from an earlier round
     return args
 
 
@@ -189,8 +199,12 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     pyhessian = _pyhessian()
+    # per λ part: one (round, value, products) per call; the reference: round -> value
+    estimates: dict[str, list[tuple[int, float, int]]] = {}
+    reference: dict[int, float] = {}
     values: dict[str, list[float]] = {}
-    hvps: dict[str, list[int]] = {}
+    vectors: dict[str, Tensor | None] = {}  # warm parts: the last top Ritz vector
+    current_round = [0]
 
     def loss() -> Tensor:
         return criterion(model(x), y)
@@ -200,27 +214,33 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> 
         loss().backward()
         optimizer.step()
 
-    def lanczos(method: str, tol: float | None, reorthogonalize: bool) -> Callable[[], None]:
-        label = f"{method}{'' if tol is None else f', tol {tol:g}'}{'' if reorthogonalize else ', plain'}"
+    def estimate(method: str, hvps: int, tol: float | None, reorthogonalize: bool, v0: Tensor | None) -> Any:
+        with isolated(model, params, seed=0):
+            op = HessianVectorProduct(fixed_dropout(loss, 0), params, method)  # type: ignore[arg-type]
+            try:
+                ritz, vector = curvature_lanczos(
+                    op,
+                    op.dim,
+                    hvps,
+                    dtype=op.dtype,
+                    device=op.device,
+                    generator=torch.Generator().manual_seed(current_round[0]),
+                    tol=tol,
+                    reorthogonalize=reorthogonalize,
+                    v0=v0,
+                    return_vector=True,
+                )
+            finally:
+                op.release()
+        return float(ritz.max()), vector, op.num_products
 
+    def lanczos(part: str, method: str, tol: float | None, reorthogonalize: bool, warm: bool) -> Callable[[], None]:
         def run() -> None:
-            with isolated(model, params, seed=0):
-                op = HessianVectorProduct(fixed_dropout(loss, 0), params, method)  # type: ignore[arg-type]
-                try:
-                    ritz = curvature_lanczos(
-                        op,
-                        op.dim,
-                        args.hvps,
-                        dtype=op.dtype,
-                        device=op.device,
-                        generator=torch.Generator().manual_seed(0),
-                        tol=tol,
-                        reorthogonalize=reorthogonalize,
-                    )
-                finally:
-                    op.release()
-            values.setdefault(f"lambda_max {label}", []).append(float(ritz.max()))
-            hvps.setdefault(label, []).append(op.num_products)
+            v0 = vectors.get(part) if warm else None
+            value, vector, products = estimate(method, args.hvps, tol, reorthogonalize, v0)
+            if warm:
+                vectors[part] = vector
+            estimates.setdefault(part, []).append((current_round[0], value, products))
 
         return run
 
@@ -235,7 +255,7 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> 
     def pyhessian_power() -> None:
         import pyhessian  # type: ignore[import-not-found]  # noqa: F401
 
-        ph = sys.modules["pyhessian.hessian"]  # the package re-exports the class `hessian` under the module's name
+        ph: Any = sys.modules["pyhessian.hessian"]  # the package re-exports the class `hessian` under the module's name
 
         count = [0]
         original = ph.hessian_vector_product
@@ -253,22 +273,29 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> 
         finally:
             ph.hessian_vector_product = original
             model.train()
-        values.setdefault("lambda_max pyhessian", []).append(float(eigenvalues[0]))
-        hvps.setdefault("pyhessian", []).append(count[0])
+        estimates.setdefault(PYHESSIAN, []).append((current_round[0], float(eigenvalues[0]), count[0]))
 
     parts: dict[str, Callable[[], None]] = {"training step": step}
     for method in METHODS:
-        parts[f"λ_max, Lanczos {args.hvps} HVPs, full reorth., {method}"] = lanczos(method, None, True)
-        parts[f"λ_max, Lanczos {args.hvps} HVPs, plain, {method}"] = lanczos(method, None, False)
-    parts[f"λ_max, Lanczos ≤{args.hvps} HVPs, plain, tol {args.tol:g}, double_backward"] = lanczos(
-        "double_backward", args.tol, False
-    )
+        part = f"λ_max cold: Lanczos ≤{args.hvps} HVPs, plain, tol {args.tol:g}, {method}"
+        parts[part] = lanczos(part, method, args.tol, False, warm=False)
+        part = f"λ_max warm: Lanczos ≤{args.hvps} HVPs, plain, tol {args.tol:g}, {method}"
+        parts[part] = lanczos(part, method, args.tol, False, warm=True)
+    if args.full_reorth:
+        for method in METHODS:
+            part = f"λ_max: Lanczos {args.hvps} HVPs, full reorth., {method}"
+            parts[part] = lanczos(part, method, None, True, warm=False)
+            part = f"λ_max: Lanczos {args.hvps} HVPs, plain, {method}"
+            parts[part] = lanczos(part, method, None, False, warm=False)
     for method in METHODS:
         parts[f"batch sharpness, {method}"] = batch(method)
     if pyhessian is not None:
-        parts["PyHessian power iteration (tol 1e-3, ≤100 HVPs, double backward)"] = pyhessian_power
+        parts[PYHESSIAN] = pyhessian_power
     times: dict[str, list[float]] = {k: [] for k in parts}
     for round_ in range(args.warmup + args.reps):
+        current_round[0] = round_
+        for _ in range(args.warm_gap - 1):  # untimed: more weight change between two warm estimates
+            step()
         for part, fn in parts.items():
             _sync(device)
             start = time.perf_counter()
@@ -276,38 +303,57 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> 
             _sync(device)
             if round_ >= args.warmup:
                 times[part].append(time.perf_counter() - start)
+        if round_ >= args.warmup:  # untimed, at the same weights as this round's estimates
+            reference[round_] = estimate("double_backward", args.reference_hvps, None, True, None)[0]
     step_time = statistics.median(times["training step"])
     rows = []
     for part, samples in times.items():
         median = statistics.median(samples)
-        rows.append({"part": part, "median_s": median, "step_equivalents": median / step_time, "samples_s": samples})
+        row: dict[str, Any] = {
+            "part": part,
+            "median_s": median,
+            "step_equivalents": median / step_time,
+            "samples_s": samples,
+        }
+        timed = [(r, v, n) for r, v, n in estimates.get(part, []) if r >= args.warmup]
+        if timed:
+            row["products"] = [n for _, _, n in timed]
+            row["values"] = [v for _, v, _ in timed]
+            row["rel_errors"] = [v / reference[r] - 1 for r, v, _ in timed]
+            row["median_rel_error"] = statistics.median(row["rel_errors"])
+            row["max_abs_rel_error"] = max(abs(e) for e in row["rel_errors"])
+        rows.append(row)
     if pyhessian is None:
-        rows.append({"part": "PyHessian power iteration", "skipped": "not installed (pip install pyhessian)"})
+        rows.append({"part": PYHESSIAN, "skipped": "not installed (pip install pyhessian)"})
     return {
         "model": name,
         "description": description,
         "rows": rows,
+        "reference": {"hvps": args.reference_hvps, "values": [reference[r] for r in sorted(reference)]},
         "values": {k: statistics.median(v) for k, v in values.items()},
-        "hvps_per_estimate": hvps,
     }
+
+
+PYHESSIAN = "PyHessian power iteration (tol 1e-3, ≤100 HVPs, double backward)"
 
 
 def print_report(results: list[dict[str, Any]]) -> None:
     for result in results:
         print(f"\n{result['description']}")
-        print(f"{'part':<70} {'median':>10} {'× step':>8}")
+        reference = result["reference"]
+        print(f"reference λ_max ({reference['hvps']} exact products, full reorth.) per round: {reference['values']}")
+        print(f"{'part':<72} {'median':>10} {'× step':>8} {'products':>12} {'rel. error (median, max |·|)':>30}")
         for row in result["rows"]:
             if "skipped" in row:
-                print(f"{row['part']:<70} {'skipped: ' + row['skipped']}")
+                print(f"{row['part']:<72} {'skipped: ' + row['skipped']}")
                 continue
-            print(f"{row['part']:<70} {row['median_s'] * 1e3:8.1f}ms {row['step_equivalents']:8.2f}")
-        reference = result["values"].get("lambda_max double_backward")
-        print("λ_max found (relative to Lanczos with exact products):")
+            extra = ""
+            if "products" in row:
+                products = ",".join(str(n) for n in row["products"])
+                extra = f" {products:>12} {row['median_rel_error']:+14.1e} {row['max_abs_rel_error']:14.1e}"
+            print(f"{row['part']:<72} {row['median_s'] * 1e3:8.1f}ms {row['step_equivalents']:8.2f}{extra}")
         for key, value in result["values"].items():
-            rel = f" ({value / reference - 1:+.2e})" if reference and key.startswith("lambda_max") else ""
-            print(f"  {key:<40} {value:12.6g}{rel}")
-        for label, counts in result["hvps_per_estimate"].items():
-            print(f"  products per estimate, {label}: {counts}")
+            print(f"  {key:<40} {value:12.6g}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

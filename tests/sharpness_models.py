@@ -146,3 +146,22 @@ class SharpnessRankReport(Callback):
             "weights": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
         }
         torch.save(report, f"{self.out_dir}/rank{trainer.global_rank}.pt")
+
+
+class QuietMLP(LightningModule):
+    """A small tanh MLP whose ``training_step`` has no side effects (no ``self.log``): it can be ``torch.compile``-d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)

@@ -244,16 +244,7 @@ def refusals(cell: Cell) -> dict[str, Outcome]:
 #: Known bugs, found by the matrix: callback name → [(the cells it breaks, why)]. In such a cell the callback is
 #: left out of the run that must pass, and a separate ``xfail(strict=True)`` test runs the cell with it attached
 #: (so the test fails, as XPASS, once the bug is fixed and the entry can go).
-KNOWN_BUGS: dict[str, list[tuple[Callable[[Cell], bool], str]]] = {
-    "SharpnessCallback": [
-        (
-            lambda cell: cell.compile,
-            "with a `torch.compile`d module its default `hvp='double_backward'` differentiates through the compiled"
-            " backward and torch raises 'This backward function was compiled with non-empty donated buffers which"
-            " requires create_graph=False' from inside `on_train_batch_end`, killing the run",
-        ),
-    ],
-}
+KNOWN_BUGS: dict[str, list[tuple[Callable[[Cell], bool], str]]] = {}
 
 
 def known_bugs(cell: Cell) -> dict[str, str]:

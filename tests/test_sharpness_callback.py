@@ -15,9 +15,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from models import RecordingLogger, quiet_trainer
-from sharpness_models import LinearRegression, NoisyNet, exact_hessian, loader, regression_data
+from sharpness_models import LinearRegression, NoisyNet, QuietMLP, exact_hessian, loader, regression_data
 from torch import Tensor, nn
 
+from lightning_gradflow import curvature
 from lightning_gradflow.callbacks.sharpness import METRICS, SharpnessCallback
 from lightning_gradflow.curvature import (
     adam_preconditioner,
@@ -465,11 +466,112 @@ def test_manual_optimization_needs_a_loss_fn() -> None:
         ({"random_scales": (0.1, -1.0)}, ValueError, "random_scales"),
         ({"auto_intervene": 1}, TypeError, "auto_intervene"),
         ({"seed": 1.5}, TypeError, "seed"),
+        ({"metrics": 3}, TypeError, "`metrics`"),
+        ({"random_scales": 3}, TypeError, "`random_scales`"),
+        ({"warm_start": "yes"}, TypeError, "warm_start"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         SharpnessCallback(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------- warm start
+
+
+def _counted_run(
+    monkeypatch: pytest.MonkeyPatch,
+    warm_start: bool,
+    metrics: tuple[str, ...],
+    steps: int = 5,
+    hvp: str = "double_backward",
+    batch_size: int = 64,
+) -> tuple[dict[int, float], dict[int, float], list[int], SharpnessCallback]:
+    """Trains QuietMLP with a probe at every step; returns λ_max and λ_min per step and the products per probe."""
+    products: list[int] = []
+    original = curvature.HessianVectorProduct.__call__
+
+    def counted(self: curvature.HessianVectorProduct, v: Tensor) -> Tensor:
+        products[-1] += 1
+        return original(self, v)
+
+    class Counting(SharpnessCallback):
+        def _measure(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+            products.append(0)
+            return super()._measure(*args, **kwargs)
+
+    monkeypatch.setattr(curvature.HessianVectorProduct, "__call__", counted)
+    x, y = regression_data(64)
+    callback = Counting(every_n_steps=1, metrics=metrics, warm_start=warm_start, hvp=hvp)  # type: ignore[arg-type]
+    logger = _fit(QuietMLP(), loader(x, y, batch_size), [callback], steps=steps)
+    monkeypatch.undo()
+    return logger.series("sharpness/lambda_max"), logger.series("sharpness/lambda_min"), products, callback
+
+
+@pytest.mark.parametrize("batch_size", [64, 32])
+@pytest.mark.parametrize("hvp", ["double_backward", "finite_difference"])
+def test_warm_start_gives_the_same_lambda_max_with_fewer_products(
+    monkeypatch: pytest.MonkeyPatch, hvp: str, batch_size: int
+) -> None:
+    """Full batch (64): the same loss at every probe, warm probes stop after 3-4 products. Minibatches (32): each
+    probe sees another batch, whose top eigenvector differs more, so the saving is smaller but still there."""
+    cold, _, cold_products, _ = _counted_run(monkeypatch, False, ("lambda_max",), hvp=hvp, batch_size=batch_size)
+    warm, _, warm_products, callback = _counted_run(monkeypatch, True, ("lambda_max",), hvp=hvp, batch_size=batch_size)
+    assert list(warm) == list(cold) == [0, 1, 2, 3, 4]
+    for step, value in cold.items():
+        assert warm[step] == pytest.approx(value, rel=1e-2), step
+    assert warm_products[0] == cold_products[0]  # the first probe has nothing to start from
+    assert sum(warm_products[1:]) < sum(cold_products[1:]), (warm_products, cold_products)
+    if batch_size == 64:
+        assert max(warm_products[1:]) <= 4, (warm_products, cold_products)
+    # kept on the device, detached, one entry per parameter; not part of the checkpoint
+    vector = callback._ritz_vector
+    assert vector is not None and not vector.requires_grad
+    assert vector.numel() == sum(p.numel() for p in QuietMLP().parameters())
+    assert not any("ritz" in key for key in callback.state_dict())
+
+
+def test_warm_start_with_lambda_min_and_a_change_of_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    cold_max, cold_min, _, _ = _counted_run(monkeypatch, False, ("lambda_max", "lambda_min"))
+    warm_max, warm_min, _, callback = _counted_run(monkeypatch, True, ("lambda_max", "lambda_min"))
+    scale = max(abs(v) for v in cold_max.values())
+    for step in cold_max:
+        assert warm_max[step] == pytest.approx(cold_max[step], rel=1e-2)
+        assert warm_min[step] == pytest.approx(cold_min[step], abs=1e-2 * scale)
+    # another model (other shapes): the kept vector is dropped and the next estimate starts cold
+    params = [torch.zeros(3, requires_grad=True)]
+    assert callback._start_vector(params, "largest", torch.Generator()) is None
+    assert callback._ritz_vector is None
+
+
+def test_compiled_module_gets_finite_sharpness() -> None:
+    """A `torch.compile`d module: the probe runs eagerly, so the default double-backward products work (the
+    compiled backward cannot be differentiated again) and the values equal those of the uncompiled module."""
+    x, y = regression_data(64)
+    metrics = ("lambda_max", "batch_sharpness", "stability_ratio")
+    callback = SharpnessCallback(every_n_steps=1, metrics=metrics, num_hvps=5)
+    compiled: Any = torch.compile(QuietMLP())
+    logger = _fit(compiled, loader(x, y, 32), [callback], steps=3)
+    eager = _fit(
+        QuietMLP(), loader(x, y, 32), [SharpnessCallback(every_n_steps=1, metrics=metrics, num_hvps=5)], steps=1
+    )
+    for key in ("sharpness/lambda_max", "sharpness/batch_sharpness", "sharpness/stability_ratio"):
+        values = logger.series(key)
+        assert len(values) == 3 and all(math.isfinite(v) for v in values.values()), (key, values)
+        assert values[0] == pytest.approx(eager.series(key)[0], rel=1e-4)
+
+
+def test_a_failing_probe_warns_once_and_logs_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: curvature.HessianVectorProduct, v: Tensor) -> Tensor:
+        raise RuntimeError("no double backward here")
+
+    monkeypatch.setattr(curvature.HessianVectorProduct, "__call__", broken)
+    x, y = regression_data(64)
+    callback = SharpnessCallback(every_n_steps=1, metrics=("lambda_max", "stability_ratio"))
+    with pytest.warns(RuntimeWarning, match="hvp='finite_difference'") as record:
+        logger = _fit(QuietMLP(), loader(x, y, 32), [callback], steps=2)
+    assert sum("probe at step" in str(w.message) for w in record) == 1
+    assert [math.isnan(v) for v in logger.series("sharpness/lambda_max").values()] == [True, True]
 
 
 # ---------------------------------------------------------------------------------------------------- example

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -117,10 +117,27 @@ class SharpnessCallback(Callback):
     in one all-reduce before they are logged or decided on, so every DDP rank makes the same change at the same step.
     Sharded strategies (FSDP, DeepSpeed) are refused.
 
+    **Warm start** (``warm_start=True``): the top Hessian eigenvector changes slowly between probes, so each λ_max
+    Lanczos run starts from the previous probe's top Ritz vector instead of a random vector, and the early stop
+    (``lanczos_tol``) ends it after a few products (3-4 instead of 6-9 on the test models; it helps most with the same
+    probe loss at every probe, ``probe="fixed"`` or full batch: another minibatch has another top eigenvector). The
+    vector is kept flat, detached, on the module's device (one copy of the parameters; while a run goes, its Lanczos
+    vectors are kept to form it, ``O(products × parameters)``), dropped when the parameters' shapes, dtype or device
+    change or an estimate is not finite, and not saved in ``state_dict`` (after a resume the first probe starts cold).
+    With ``"lambda_min"`` too, the early stop waits for λ_min as well, which the old top vector does not help, so the
+    warm start saves few products there; the start is the old vector plus an equal-norm random vector, because a start
+    close to the top eigenvector has almost no weight on the bottom eigenvectors, and λ_min could then look converged
+    before it is. Adam's preconditioned λ_max (``stability_ratio`` with Adam, full batch) always starts cold.
+
     **Cost** (``benchmarks/sharpness.py``, CPU, one thread, models of 2-4 M parameters): batch sharpness costs 3-4
-    training steps, so the defaults (batch sharpness and the stability ratio every 200 steps) cost about 2 %. One λ_max
-    estimate of 20 exact products costs 32-43 training steps (PyHessian's power iteration: 42-75, and
-    1-2 % less accurate); add ``"lambda_max"`` to ``metrics`` with a sparser schedule. Other steps cost nothing.
+    training steps, so the defaults (batch sharpness and the stability ratio every 200 steps) cost about 2 %. A cold
+    λ_max estimate (up to 20 exact products) costs 32-43 training steps (PyHessian's power iteration: 42-75, and
+    1-2 % less accurate); a warm one, a few steps after the previous probe, stops after a few products (see
+    ``benchmarks/results_sharpness.md``). Other steps cost nothing.
+
+    **torch.compile**: the probe runs the module eagerly (``torch.compiler.set_stance("force_eager")``): a compiled
+    backward cannot be differentiated again (double backward), and the probe's perturbed weights would only cause
+    recompilations. Should a probe still fail, the callback warns once and logs NaN instead of stopping training.
 
     Args:
         every_n_steps: optimizer steps between probes (step 0 is probed).
@@ -131,14 +148,15 @@ class SharpnessCallback(Callback):
             ``"batch_sharpness"``.
         hvp: Hessian-vector products: ``"double_backward"`` (exact; on CUDA the probe runs with cuDNN disabled so RNNs
             have a double backward) or ``"finite_difference"`` (central differences of two gradients, no graph kept;
-            runs the training kernels, e.g. fused attention, but its step is relative to the norm of all weights, so
-            models with large-norm parameters such as N(0, 1) embeddings get coarse estimates: check it against
-            ``"double_backward"`` on your model first).
+            runs the training kernels, e.g. fused attention; its step is relative to the scale of the parameter
+            tensors each direction moves, see :class:`~lightning_gradflow.curvature.HessianVectorProduct`).
         num_hvps: the most Lanczos steps (products) of each λ_max/λ_min estimate. λ_max alone runs plain Lanczos
-            (no stored basis, ``O(parameters)`` per step); with ``"lambda_min"`` the basis is kept and fully
+            (no reorthogonalisation, ``O(parameters)`` per step; with ``warm_start`` its vectors are kept to form the
+            Ritz vector, ``O(products × parameters)`` memory); with ``"lambda_min"`` the basis is kept and fully
             reorthogonalised, which costs ``O(num_hvps × parameters)`` memory and time per step.
         lanczos_tol: stop a Lanczos run early once its estimate changes by less than this (relative) in one step;
             ``None``: always ``num_hvps`` products.
+        warm_start: start each λ_max (and λ_min) estimate from the previous probe's top Ritz vector (see above).
         trace_hvps: products of each trace estimate (≥ 3).
         sam_rho: radius ρ of the SAM perturbation.
         sam_adaptive: use ASAM's scale-invariant perturbation.
@@ -183,6 +201,7 @@ class SharpnessCallback(Callback):
         hvp: Literal["double_backward", "finite_difference"] = "double_backward",
         num_hvps: int = 20,
         lanczos_tol: float | None = 1e-3,
+        warm_start: bool = True,
         trace_hvps: int = 30,
         sam_rho: float = 0.05,
         sam_adaptive: bool = False,
@@ -198,7 +217,10 @@ class SharpnessCallback(Callback):
         seed: int = 0,
     ) -> None:
         check_positive_int("every_n_steps", every_n_steps)
-        if isinstance(metrics, str) or not all(isinstance(m, str) for m in metrics):
+        if isinstance(metrics, str) or not isinstance(metrics, Iterable):
+            raise TypeError(f"Expected `metrics` to be a tuple of str, but got {metrics!r}.")
+        metrics = tuple(metrics)
+        if not all(isinstance(m, str) for m in metrics):
             raise TypeError(f"Expected `metrics` to be a tuple of str, but got {metrics!r}.")
         unknown = [m for m in metrics if m not in METRICS]
         if unknown or not metrics:
@@ -208,12 +230,16 @@ class SharpnessCallback(Callback):
         check_choice("hvp", hvp, ("finite_difference", "double_backward"))
         check_positive_int("num_hvps", num_hvps)
         check_positive_float("lanczos_tol", lanczos_tol, allow_none=True)
+        check_bool("warm_start", warm_start)
         check_positive_int("trace_hvps", trace_hvps)
         if trace_hvps < 3:
             raise ValueError(f"Expected `trace_hvps` >= 3 (Hutch++ needs three thirds), but got {trace_hvps}.")
         check_positive_float("sam_rho", sam_rho)
         check_bool("sam_adaptive", sam_adaptive)
-        if isinstance(random_scales, str) or not random_scales:
+        if isinstance(random_scales, str) or not isinstance(random_scales, Iterable):
+            raise TypeError(f"Expected `random_scales` to be a non-empty tuple of floats, but got {random_scales!r}.")
+        random_scales = tuple(random_scales)
+        if not random_scales:
             raise TypeError(f"Expected `random_scales` to be a non-empty tuple of floats, but got {random_scales!r}.")
         for scale in random_scales:
             check_positive_float("random_scales", scale)
@@ -234,6 +260,7 @@ class SharpnessCallback(Callback):
         self.hvp = hvp
         self.num_hvps = num_hvps
         self.lanczos_tol = None if lanczos_tol is None else float(lanczos_tol)
+        self.warm_start = warm_start
         self.trace_hvps = trace_hvps
         self.sam_rho = float(sam_rho)
         self.sam_adaptive = sam_adaptive
@@ -257,6 +284,9 @@ class SharpnessCallback(Callback):
         self._pending_step: int | None = None
         self._fixed_batch: Any = None
         self._user_batch = False
+        # warm start: the last top Ritz vector and the (shapes, dtype, device) of the parameters it belongs to
+        self._ritz_vector: Tensor | None = None
+        self._ritz_key: tuple[Any, ...] | None = None
 
     @property
     def interventions(self) -> list[Intervention]:
@@ -358,7 +388,17 @@ class SharpnessCallback(Callback):
             self._fixed_batch, self._user_batch = probe_batch, False
         rule = self._rule(trainer)
         quantity = self._stability_quantity(trainer)
-        measured = self._measure(trainer, pl_module, probe_batch, step, rule, quantity)
+        try:
+            measured = self._measure(trainer, pl_module, probe_batch, step, rule, quantity)
+        except RuntimeError as error:  # never stop training from inside a hook: report NaN (same keys on every rank)
+            self._ritz_vector = self._ritz_key = None
+            self._warn_once(
+                "failed",
+                f"{_NAME}: the probe at step {step} failed ({type(error).__name__}: {error}); logging NaN. With"
+                f" `hvp={self.hvp!r}`, try `hvp='finite_difference'` (no double backward: it works with kernels and"
+                " compiled code that cannot be differentiated twice), or override `loss_fn` to run the model eagerly.",
+            )
+            measured = dict.fromkeys(self._keys(rule, quantity), math.nan)
         # One all-reduce: every rank logs and decides on the same numbers.
         names = list(measured)
         local = torch.tensor([measured[n] for n in names], dtype=torch.float64, device=pl_module.device)
@@ -443,20 +483,11 @@ class SharpnessCallback(Callback):
             )
             if need_eig:
                 which: Literal["largest", "both"] = "both" if "lambda_min" in wanted else "largest"
-                eig = hessian_eigenvalues(
-                    loss,
-                    params,
-                    1,
-                    which,
-                    num_hvps=self.num_hvps,
-                    hvp=self.hvp,
-                    generator=generator(),
-                    tol=self.lanczos_tol,
-                    reorthogonalize=which == "both",  # λ_max alone needs no basis (see `lanczos`)
-                )
+                eig, vector = self._eigenvalues(loss, params, which, generator)
                 out["lambda_max"] = float(eig[0])
                 if which == "both":
                     out["lambda_min"] = float(eig[-1])
+                self._keep_ritz_vector(params, vector if math.isfinite(out["lambda_max"]) else None)
             if "batch_sharpness" in wanted or (
                 "stability_ratio" in wanted and quantity == "batch_sharpness" and not rule.preconditioned
             ):
@@ -492,6 +523,49 @@ class SharpnessCallback(Callback):
                 out["random_score"] = found_random.score
         return out
 
+    def _eigenvalues(
+        self,
+        loss: Callable[[], Tensor],
+        params: Sequence[Tensor],
+        which: Literal["largest", "both"],
+        generator: Callable[[], torch.Generator],
+    ) -> tuple[Tensor, Tensor | None]:
+        """λ_max (and λ_min) by Lanczos, warm-started; the top Ritz vector only with ``warm_start``."""
+        options: dict[str, Any] = {
+            "num_hvps": self.num_hvps,
+            "hvp": self.hvp,
+            "generator": generator(),
+            "tol": self.lanczos_tol,
+            "reorthogonalize": which == "both",  # λ_max alone needs no basis (see `lanczos`)
+        }
+        if not self.warm_start:  # no Lanczos vectors kept
+            return hessian_eigenvalues(loss, params, 1, which, **options), None
+        v0 = self._start_vector(params, which, generator())
+        return hessian_eigenvalues(loss, params, 1, which, **options, v0=v0, return_vector=True)
+
+    @staticmethod
+    def _params_key(params: Sequence[Tensor]) -> tuple[Any, ...]:
+        return (tuple(tuple(p.shape) for p in params), params[0].dtype, params[0].device) if params else ()
+
+    def _start_vector(self, params: Sequence[Tensor], which: str, generator: torch.Generator) -> Tensor | None:
+        """The warm start of the next Lanczos run: the last top Ritz vector (mixed with a random one for λ_min)."""
+        vector = self._ritz_vector
+        if not self.warm_start or vector is None or self._ritz_key != self._params_key(params):
+            self._ritz_vector = self._ritz_key = None  # cold: nothing kept, or the parameters changed
+            return None
+        if which == "largest":
+            return vector
+        # λ_min too: equal parts of the old top vector and a random one (see the class docstring)
+        noise = torch.randn(vector.numel(), generator=generator, dtype=vector.dtype).to(vector.device)
+        return vector / torch.linalg.vector_norm(vector) + noise / torch.linalg.vector_norm(noise)
+
+    def _keep_ritz_vector(self, params: Sequence[Tensor], vector: Tensor | None) -> None:
+        if not self.warm_start or vector is None or not bool(torch.isfinite(vector).all()):
+            self._ritz_vector = self._ritz_key = None
+            return
+        self._ritz_vector = vector.detach()
+        self._ritz_key = self._params_key(params)
+
     def _keys(self, rule: StabilityRule, quantity: str) -> list[str]:
         """The raw keys :meth:`_measure` returns for this configuration (all ranks agree on them)."""
         wanted = set(self.metrics)
@@ -521,6 +595,7 @@ class SharpnessCallback(Callback):
             isolated(pl_module, params, seed=seed),
             torch.autocast(device_type=device_type, enabled=False),
             torch.backends.cudnn.flags(enabled=False) if cudnn_off else contextlib.nullcontext(),
+            _eager(),
             _silenced_logging(pl_module),
         ):
             yield
@@ -645,6 +720,16 @@ def _first_lr(trainer: pl.Trainer) -> float:
         return math.nan
     lr = trainer.optimizers[0].param_groups[0]["lr"]
     return float(lr.item()) if isinstance(lr, Tensor) else float(lr)
+
+
+def _eager() -> contextlib.AbstractContextManager[Any]:
+    """Runs ``torch.compile``-d code eagerly.
+
+    A compiled backward has no double backward (donated buffers), and the probe's perturbed weights would only
+    trigger recompilations.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
