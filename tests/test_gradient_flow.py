@@ -21,6 +21,7 @@ from models import (
     GradNormProbe,
     PlainDeepMLP,
     RecordingLogger,
+    RegressionModule,
     ResidualDeepMLP,
     ScrambledOrderNet,
     SmallMLP,
@@ -31,7 +32,7 @@ from models import (
     regression_loader,
     sequence_loader,
 )
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_gradflow import GradientFlowCallback, Intervention
 from lightning_gradflow.clipping import ZScoreClipper
@@ -248,6 +249,45 @@ class _SharedNormReader(Callback):
         assert shared is not None
         self.seen[trainer.global_step] = float(shared)
         self.other_step.append(self.gradflow.measured_grad_norm(trainer.global_step + 1))
+
+
+class _EmbeddingThenDense(RegressionModule):
+    """An embedding (its gradient is zero on unused rows) feeding a dense linear head."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.01)
+        self.embed = nn.Embedding(64, 8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ids = (x.abs() * 7).long().clamp(max=63)[:, :4]  # a few rows of the table per batch
+        return self.head(self.embed(ids).mean(1))
+
+
+def test_between_reports_only_gradients_with_zeros_are_zero_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_gradflow.callbacks import gradient_flow
+
+    calls: list[list[bool] | None] = []
+    real = gradient_flow.tensor_stats
+
+    def spy(tensors: Any, **kwargs: Any) -> Any:
+        flags = kwargs.get("count_zeros")
+        calls.append(None if flags is None else list(flags))
+        return real(tensors, **kwargs)
+
+    monkeypatch.setattr(gradient_flow, "tensor_stats", spy)
+    seed_everything(0, verbose=False)
+    callback = GradientFlowCallback(log_every_n_steps=3, histogram_every_n_steps=0, figure_every_n_steps=0)
+    logger = RecordingLogger()
+    quiet_trainer(max_steps=6, logger=logger, callbacks=[callback]).fit(
+        _EmbeddingThenDense(), regression_loader(8 * 6, 8, batch_size=8)
+    )
+    # steps 0, 1: nothing reported yet, every zero counted; step 2 reports (full statistics); then only the embedding
+    assert calls[:3] == [[True, True, True], [True, True, True], None]
+    assert calls[3] == [True, False, False]  # embed.weight has zero rows; head.weight and head.bias are dense
+    for step, row in logger.gradflow_rows().items():
+        assert 0 < row["gradflow/zero_fraction/embed"] < 1, step  # exact on every report
+        assert row["gradflow/zero_fraction/head"] == 0
 
 
 def test_measured_grad_norm_is_shared_per_step() -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import assert_stats_close
@@ -252,3 +254,28 @@ def test_norms_only_skips_max_and_sum_of_large_cpu_tensors() -> None:
     x[5] = float("nan")  # a non-finite value: the full masked statistics instead
     got = tensor_stats([x], backend="torch", full=False)
     assert got.nonfinite.tolist() == [1.0] and not torch.isnan(got.absmax).any()
+
+
+def test_count_zeros_false_skips_only_the_zero_count_of_large_cpu_tensors() -> None:
+    large = torch.randn(100_000)
+    large[::4] = 0
+    small = torch.zeros(10)
+    counted = tensor_stats([large, small, large], full=False)
+    skipped = tensor_stats([large, small, large], full=False, count_zeros=[False, True, True])
+    assert math.isnan(float(skipped.table[0, Stat.ZEROS]))
+    assert float(skipped.table[1, Stat.ZEROS]) == 10
+    assert float(skipped.table[2, Stat.ZEROS]) == float(counted.table[2, Stat.ZEROS]) == 25_000
+    torch.testing.assert_close(skipped.table[:, Stat.SUMSQ], counted.table[:, Stat.SUMSQ], rtol=0, atol=0)
+    torch.testing.assert_close(skipped.table[:, Stat.NONFINITE], counted.table[:, Stat.NONFINITE], rtol=0, atol=0)
+
+
+def test_count_zeros_needs_one_flag_per_tensor() -> None:
+    with pytest.raises(ValueError, match="`count_zeros`"):
+        tensor_stats([torch.ones(3), torch.ones(4)], full=False, count_zeros=[True])
+
+
+def test_count_zeros_false_still_sees_non_finite_values() -> None:
+    x = torch.randn(100_000)
+    x[7] = math.inf
+    stats = tensor_stats([x], full=False, count_zeros=[False])
+    assert float(stats.nonfinite[0]) == 1

@@ -78,6 +78,7 @@ class _Step:
     abs_sums: Tensor | None = None
     skipped: bool = False
     snapshotted: bool = False
+    tensor_zeros: Tensor | None = None  # per-gradient zero counts of a reporting step
     # the logging window closed at this step: [non-finite, overflow, clipped, worst norm, its clipped value] and steps
     window: Tensor | None = None
     window_steps: int = 0
@@ -237,6 +238,7 @@ class GradientFlowCallback(Callback):
             self.clipper = PercentileClipper(percentile, percentile_window, max_norm=clip_value)
         self._log = InterventionLog(_NAME)
         self._writes_tensorboard = True
+        self._has_zeros: dict[int, bool] = {}  # per gradient (by id): held exact zeros at the last report
         self.layers: list[str] = []  # depth order, input side first
         self.last_metrics: dict[str, float] = {}  # the most recent logged metrics
         self.skipped_steps = 0
@@ -416,8 +418,14 @@ class GradientFlowCallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
 
         report = self._due(step, interval) or self._due(step, hist_every) or self._due(step, fig_every)
-        # between reports only the norms, counts and diagnosis are needed: the CPU skips max |g| and the sum
-        stats = tensor_stats(grads, backend=self.backend, full=report)
+        # Between reports only the norms, counts and diagnosis are needed: the CPU skips max |g| and the sum, and the
+        # zero count of gradients that had no exact zeros at the last report (dense layers): their active RMS is then
+        # their RMS. Reports count every zero; a layer that turned sparse since is under-rated for one log interval
+        # at most, by sqrt(1 - zero fraction) — negligible against the rule's 1e-3/1e3 ratios.
+        count_zeros = None if report else [self._has_zeros.get(id(p), True) for p in params]
+        stats = tensor_stats(grads, backend=self.backend, full=report, count_zeros=count_zeros)
+        if count_zeros is not None and not all(count_zeros):
+            stats.table[:, Stat.ZEROS].nan_to_num_(0.0)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             stats = _unscale(stats, scaler)  # fused optimizers unscale inside step(): the gradients are still scaled
         layer_stats = stats.reduce_rows(self._rows(params, device), len(self.layers))
@@ -437,6 +445,7 @@ class GradientFlowCallback(Callback):
             params=params,
             layer_stats=layer_stats,
             total_norm=total_norm,
+            tensor_zeros=stats.zeros if report else None,
         )
         if pending.histogram:
             pending.histograms = tensor_histograms(grads, backend=self.backend).reduce_rows(
@@ -567,9 +576,15 @@ class GradientFlowCallback(Callback):
             parts["weights"] = weights.table
         if item.histograms is not None:
             parts["histograms"] = item.histograms.counts
+        if item.tensor_zeros is not None:
+            parts["tensor_zeros"] = item.tensor_zeros
         if item.abs_sums is not None:
             parts["abs_sums"] = item.abs_sums
         host = _to_host(parts)  # the one device-to-host transfer of this logging step
+        if "tensor_zeros" in host:
+            self._has_zeros = {
+                id(p): bool(z > 0) for p, z in zip(item.params, host["tensor_zeros"].tolist(), strict=True)
+            }
         steps_in_window = item.window_steps
         if item.log and item.window is None:  # the unfinished window reported at the end of training
             steps_in_window = self._steps_since_log

@@ -22,6 +22,8 @@ from lightning_gradflow.stats._common import (
 from lightning_gradflow.stats._dispatch import run_grouped
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from torch.distributed import ProcessGroup
 
 
@@ -172,7 +174,13 @@ class TensorStats:
         return TensorStats(out)
 
 
-def tensor_stats(tensors: Iterable[Tensor], *, backend: Backend = "auto", full: bool = True) -> TensorStats:
+def tensor_stats(
+    tensors: Iterable[Tensor],
+    *,
+    backend: Backend = "auto",
+    full: bool = True,
+    count_zeros: Sequence[bool] | None = None,
+) -> TensorStats:
     """Sum of squares, max ``|x|``, sum, non-finite count, zero count and size of every tensor, in one pass.
 
     Args:
@@ -183,6 +191,8 @@ def tensor_stats(tensors: Iterable[Tensor], *, backend: Backend = "auto", full: 
         full: ``False`` asks only for what norms, RMS, clipping and the flow diagnosis need (sum of squares,
             non-finite and zero counts, size): a backend may then leave ``absmax`` and ``sum`` as NaN to save
             work (the torch backend does on the CPU, at about half the cost; the others compute everything).
+        count_zeros: with ``full=False``, one flag per tensor: ``False`` lets a backend leave that tensor's zero
+            count as NaN (the torch backend then reads a large CPU tensor once instead of twice). ``None``: count all.
 
     Returns:
         A :class:`TensorStats` whose ``(len(tensors), 6)`` float32 table lives on the first tensor's device.
@@ -204,12 +214,24 @@ def tensor_stats(tensors: Iterable[Tensor], *, backend: Backend = "auto", full: 
     if backend not in BACKENDS:
         raise ValueError(f"Expected `backend` to be one of {BACKENDS}, but got {backend!r}.")
     items = as_tensor_list(tensors)
+    if count_zeros is not None and len(count_zeros) != len(items):
+        raise ValueError(
+            f"Expected `count_zeros` to have one flag per tensor ({len(items)}), but got {len(count_zeros)}."
+        )
     table = run_grouped(
         [(t.device, t.dtype) for t in items],
         backend,
-        lambda impl, positions: (
-            impl.tensor_stats_rows if full else getattr(impl, "flow_stats_rows", impl.tensor_stats_rows)
-        )([flat_view(items[i]) for i in positions]),
+        lambda impl, positions: _rows(impl, [flat_view(items[i]) for i in positions], full, count_zeros, positions),
         lambda device: torch.zeros((0, NUM_STATS), device=device),
     )
     return TensorStats(table)
+
+
+def _rows(
+    impl: ModuleType, flats: list[Tensor], full: bool, count_zeros: Sequence[bool] | None, positions: list[int]
+) -> Tensor:
+    flow = None if full else getattr(impl, "flow_stats_rows", None)
+    if flow is None:
+        return impl.tensor_stats_rows(flats)
+    flags = None if count_zeros is None else [bool(count_zeros[i]) for i in positions]
+    return flow(flats, count_zeros=flags)

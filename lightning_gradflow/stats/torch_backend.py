@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,18 +174,18 @@ def _slice_stats(x: Tensor, masked: bool, scratch: Tensor) -> Tensor:
     return torch.stack([sumsq, absmax, x.sum(), nonfinite, zeros, numel])
 
 
-def _slice_flow_stats(x: Tensor, scratch: Tensor) -> Tensor:
+def _slice_flow_stats(x: Tensor, scratch: Tensor, count_zeros: bool = True) -> Tensor:
     """Sum of squares, non-finite and zero counts, size of one 1-D CPU tensor; ``ABSMAX`` and ``SUM`` are NaN.
 
-    Two cached passes instead of four. A non-finite sum of squares (a NaN or Inf, or squares beyond the dtype's
-    range) falls back to the full masked statistics of the slice.
+    Two cached passes instead of four (one without ``count_zeros``: ``ZEROS`` is NaN then). A non-finite sum of
+    squares (a NaN or Inf, or squares beyond the dtype's range) falls back to the full masked statistics of the slice.
     """
     buffer = scratch[: x.numel()]
-    zeros = torch.eq(x, 0, out=buffer).sum()
+    nan = torch.full((), math.nan, dtype=x.dtype)
+    zeros = torch.eq(x, 0, out=buffer).sum() if count_zeros else nan
     sumsq = torch.mul(x, x, out=buffer).sum()
     if not math.isfinite(sumsq):
         return _slice_stats(x, masked=True, scratch=scratch)
-    nan = torch.full((), math.nan, dtype=x.dtype)
     numel = torch.full((), x.numel(), dtype=x.dtype)
     return torch.stack([sumsq, nan, nan, torch.zeros((), dtype=x.dtype), zeros, numel])
 
@@ -256,16 +256,17 @@ def _foreach_small_stats(xs: list[Tensor], acc: torch.dtype, full: bool = True) 
     return torch.stack([norms.square(), absmax, sums, zeros, numel - nonzero, numel], dim=1)
 
 
-def flow_stats_rows(flats: list[Tensor]) -> Tensor:
+def flow_stats_rows(flats: list[Tensor], count_zeros: Sequence[bool] | None = None) -> Tensor:
     """Like :func:`tensor_stats_rows`, but on the CPU large tensors skip ``ABSMAX`` and ``SUM`` (NaN in the table).
 
     What gradient-norm monitoring, clipping and the flow diagnosis need every step, at about half the cost; other
-    devices get the full statistics (memory-bound there, the extra columns cost nothing).
+    devices get the full statistics (memory-bound there, the extra columns cost nothing). ``count_zeros[i] = False``
+    also skips the zero count of a large CPU tensor (``ZEROS`` NaN): one pass instead of two.
     """
-    return tensor_stats_rows(flats, full=flats[0].device.type != "cpu")
+    return tensor_stats_rows(flats, full=flats[0].device.type != "cpu", count_zeros=count_zeros)
 
 
-def tensor_stats_rows(flats: list[Tensor], full: bool = True) -> Tensor:
+def tensor_stats_rows(flats: list[Tensor], full: bool = True, count_zeros: Sequence[bool] | None = None) -> Tensor:
     """``(len(flats), NUM_STATS)`` float32 table: see :class:`~lightning_gradflow.stats.Stat`."""
     device = flats[0].device
     acc = _accumulation_dtype(flats[0].dtype)
@@ -288,7 +289,8 @@ def tensor_stats_rows(flats: list[Tensor], full: bool = True) -> Tensor:
         elif full:
             rows.append(_slice_stats(values, masked, scratch).unsqueeze(0))
         else:
-            rows.append(_slice_flow_stats(values, scratch).unsqueeze(0))
+            count = count_zeros is None or count_zeros[batch.pieces[0][0]]
+            rows.append(_slice_flow_stats(values, scratch, count).unsqueeze(0))
     if rows:
         table = _merge_pieces(torch.cat(rows), _piece_owner(numels, chunk, device), len(flats))
     else:
