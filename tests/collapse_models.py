@@ -158,22 +158,6 @@ class CollapseRankReport(Callback):
         torch.save(report, f"{self.out_dir}/rank{trainer.global_rank}.pt")
 
 
-class RankStrided(torch.utils.data.Dataset):
-    """Rank ``r`` of ``w`` reads samples ``r, r + w, ...`` (use with ``use_distributed_sampler=False``)."""
-
-    def __init__(self, x: Tensor, y: Tensor, world_size: int) -> None:
-        self.x, self.y, self.world_size = x, y, world_size
-
-    def __len__(self) -> int:
-        return len(self.x) // self.world_size
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        dist = torch.distributed
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        j = i * self.world_size + rank
-        return self.x[j], self.y[j]
-
-
 class LinearRegressor(LightningModule):
     """A linear model trained with plain SGD at a fixed learning rate (full batch: a deterministic loss)."""
 

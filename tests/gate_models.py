@@ -5,12 +5,11 @@ Everything is defined at module level so that it pickles (``ddp_spawn`` sends it
 
 from __future__ import annotations
 
-from argparse import Namespace
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import Logger
+from models import RankStridedDataset, RecordingLogger
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.data import DataLoader, TensorDataset
@@ -18,30 +17,15 @@ from torch.utils.data import DataLoader, TensorDataset
 INPUT_SIZE = 4
 
 
-class Recorder(Logger):
-    """Keeps every ``log_metrics`` call: ``rows`` is a list of ``(step, metrics)`` (on every rank)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recorder"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((step, {k: float(v) for k, v in metrics.items()}))
+class Recorder(RecordingLogger):
+    """The shared recording logger, plus the rows the gate callback wrote."""
 
     def gate_rows(self) -> dict[int, dict[str, float]]:
         """``{step: metrics}`` of the rows holding ``gates/surgeries``."""
         return {step: m for step, m in self.rows if "gates/surgeries" in m and step is not None}
+
+
+RankStrided = RankStridedDataset
 
 
 def trainer(**kwargs: Any) -> Trainer:
@@ -158,22 +142,6 @@ def saturate_(module: nn.Module, gates: dict[int, float], weight_scale: float = 
                     p[rows] = 0.0
                 elif name.startswith(("weight_ih", "weight_hh")):
                     p[rows] *= weight_scale
-
-
-class RankStrided(torch.utils.data.Dataset):
-    """Rank ``r`` of ``w`` reads samples ``r, r + w, ...`` (rank read lazily, in the worker process)."""
-
-    def __init__(self, x: Tensor, y: Tensor, world_size: int) -> None:
-        self.x, self.y, self.world_size = x, y, world_size
-
-    def __len__(self) -> int:
-        return len(self.x) // self.world_size
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        dist = torch.distributed
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        j = i * self.world_size + rank
-        return self.x[j], self.y[j]
 
 
 class GateRankReport(Callback):

@@ -8,12 +8,11 @@ level so that it pickles (spawned DDP workers import this module).
 from __future__ import annotations
 
 import math
-from argparse import Namespace
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.loggers import Logger
+from models import RecordingLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -136,26 +135,4 @@ class TinyLSTM(LightningModule):
         return self._make(self.optimizer_name, [p for p in self.parameters() if p.requires_grad] or self.parameters())
 
 
-class Recorder(Logger):
-    """Keeps every ``log_metrics`` call in memory (on every rank): ``rows`` is a list of ``(step, metrics)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recorder"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((step, {k: float(v) for k, v in metrics.items()}))
-
-    def keys(self) -> set[str]:
-        return {k for _, m in self.rows for k in m}
+Recorder = RecordingLogger

@@ -98,22 +98,6 @@ class NoisyNet(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, nesterov=True)
 
 
-class RankStrided(torch.utils.data.Dataset):
-    """Rank ``r`` of ``w`` reads samples ``r, r + w, ...`` (rank read lazily, in the worker)."""
-
-    def __init__(self, x: Tensor, y: Tensor, world_size: int) -> None:
-        self.x, self.y, self.world_size = x, y, world_size
-
-    def __len__(self) -> int:
-        return len(self.x) // self.world_size
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        dist = torch.distributed
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        j = i * self.world_size + rank
-        return self.x[j], self.y[j]
-
-
 class LocalProbe(Callback):
     """Records, per step, what the callback measured locally before the all-reduce (list it after the callback)."""
 

@@ -68,3 +68,11 @@ def refuse_sharded_strategy(trainer: pl.Trainer, callback: str, reads: str = "wh
             f"{callback} does not support `strategy={name}` yet: it reads {reads}, which this strategy shards"
             " across ranks. Use a single device or `strategy='ddp'`, or remove the callback."
         )
+
+
+def log_interval(trainer: pl.Trainer, own: int | None) -> int:
+    """Optimizer steps between logs: the callback's own ``log_every_n_steps``, else the Trainer's (50 if unset)."""
+    if own is not None:
+        return own
+    every = int(getattr(trainer, "log_every_n_steps", 50))
+    return every if every > 0 else 50

@@ -24,6 +24,7 @@ from lightning_gradflow.callbacks._common import (
     check_float_in,
     check_positive_float,
     check_positive_int,
+    log_interval,
     refuse_sharded_strategy,
 )
 from lightning_gradflow.callbacks.gradient_flow import GradientFlowCallback
@@ -880,10 +881,7 @@ class EarlyCollapseCallback(Callback):
     # ------------------------------------------------------------------------------------------------ reporting
 
     def _interval(self, trainer: pl.Trainer) -> int:
-        if self.log_every_n_steps is not None:
-            return self.log_every_n_steps
-        every = int(getattr(trainer, "log_every_n_steps", 50))
-        return every if every > 0 else 50
+        return log_interval(trainer, self.log_every_n_steps)
 
     @staticmethod
     def _due(step: int, every: int) -> bool:

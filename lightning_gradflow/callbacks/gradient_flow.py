@@ -20,6 +20,7 @@ from lightning_gradflow.callbacks._common import (
     check_float_in,
     check_positive_float,
     check_positive_int,
+    log_interval,
     refuse_sharded_strategy,
 )
 from lightning_gradflow.clipping import (
@@ -363,10 +364,7 @@ class GradientFlowCallback(Callback):
     # ------------------------------------------------------------------------------------------ the step itself
 
     def _interval(self, trainer: pl.Trainer) -> int:
-        if self.log_every_n_steps is not None:
-            return self.log_every_n_steps
-        every = int(getattr(trainer, "log_every_n_steps", 50))
-        return every if every > 0 else 50
+        return log_interval(trainer, self.log_every_n_steps)
 
     def _every(self, value: int | None, trainer: pl.Trainer) -> int:
         return 10 * self._interval(trainer) if value is None else value
