@@ -382,6 +382,13 @@ class SharpnessCallback(Callback):
         step, self._pending_step = self._pending_step, None
         if step is None:
             return
+        if not any(p.requires_grad for p in pl_module.parameters()):  # the same on every rank: no collective skipped
+            self._warn_once(
+                "no_parameters",
+                f"{_NAME}: the module has no trainable parameters, so there is no curvature to measure; nothing is"
+                " logged. Unfreeze parameters, or remove the callback.",
+            )
+            return
         probe_batch = batch if self.probe == "batch" else self._fixed_batch
         if self._user_batch and self.probe == "fixed":
             probe_batch = apply_to_collection(probe_batch, Tensor, lambda t: t.to(pl_module.device))
