@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from models import RankStridedDataset, RecordingLogger
+from models import RecordingLogger
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.data import DataLoader, TensorDataset
@@ -23,9 +23,6 @@ class Recorder(RecordingLogger):
     def gate_rows(self) -> dict[int, dict[str, float]]:
         """``{step: metrics}`` of the rows holding ``gates/surgeries``."""
         return {step: m for step, m in self.rows if "gates/surgeries" in m and step is not None}
-
-
-RankStrided = RankStridedDataset
 
 
 def trainer(**kwargs: Any) -> Trainer:

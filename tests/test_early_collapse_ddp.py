@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 import torch
-from collapse_models import CollapseRankReport, RankStrided, ReluMLP, collapse_trainer, regression_data
+from collapse_models import CollapseRankReport, ReluMLP, collapse_trainer, regression_data
 from lightning.pytorch import seed_everything
+from models import RankStridedDataset
 from torch.utils.data import DataLoader
 
 from lightning_gradflow.callbacks.early_collapse import EarlyCollapseCallback
@@ -33,7 +34,7 @@ def _loader() -> DataLoader:
     block = x[rows]
     block[1::WORLD_SIZE] *= 1e3
     x[rows] = block
-    return DataLoader(RankStrided(x, y, WORLD_SIZE), batch_size=BATCH, shuffle=False)
+    return DataLoader(RankStridedDataset(x, y, WORLD_SIZE), batch_size=BATCH, shuffle=False)
 
 
 @pytest.mark.ddp

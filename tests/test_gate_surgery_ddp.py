@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from gate_models import INPUT_SIZE, GateRankReport, RankStrided, Recorder, RecurrentRegressor, saturate_, trainer
+from gate_models import INPUT_SIZE, GateRankReport, Recorder, RecurrentRegressor, saturate_, trainer
 from lightning.pytorch import seed_everything
+from models import RankStridedDataset
 from torch.utils.data import DataLoader
 
 from lightning_gradflow.callbacks.gate_surgery import GateSurgeryCallback
@@ -34,7 +35,7 @@ def _loader() -> DataLoader:
     x[0::WORLD_SIZE, :, HOT_FEATURE] = 0.0
     x[1::WORLD_SIZE, :, HOT_FEATURE] = 20.0
     y = torch.tanh(x[..., :1].cumsum(1) / 10**0.5)
-    return DataLoader(RankStrided(x, y, WORLD_SIZE), batch_size=BATCH, shuffle=False)
+    return DataLoader(RankStridedDataset(x, y, WORLD_SIZE), batch_size=BATCH, shuffle=False)
 
 
 def _model() -> RecurrentRegressor:

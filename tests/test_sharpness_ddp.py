@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import torch
-from models import RecordingLogger, quiet_trainer
-from sharpness_models import LinearRegression, LocalProbe, RankStrided, SharpnessRankReport, regression_data
+from models import RankStridedDataset, RecordingLogger, quiet_trainer
+from sharpness_models import LinearRegression, LocalProbe, SharpnessRankReport, regression_data
 from torch.utils.data import DataLoader
 
 from lightning_gradflow.callbacks.sharpness import SharpnessCallback
@@ -57,7 +57,7 @@ def test_ranks_decide_on_the_mean_and_make_the_same_change(tmp_path: Path) -> No
         logger=RecordingLogger(),
         callbacks=[callback, LocalProbe(), SharpnessRankReport(str(tmp_path))],
     )
-    loader = DataLoader(RankStrided(x, y, WORLD_SIZE), batch_size=PER_RANK, shuffle=False)
+    loader = DataLoader(RankStridedDataset(x, y, WORLD_SIZE), batch_size=PER_RANK, shuffle=False)
     trainer.fit(LinearRegression(lr=lr), loader)
 
     reports: list[dict[str, Any]] = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
