@@ -133,7 +133,7 @@ class SharpnessCallback(Callback):
     training steps, so the defaults (batch sharpness and the stability ratio every 200 steps) cost about 2 %. A cold
     λ_max estimate (≤ 20 exact products, early stop) costs 18-44 training steps (PyHessian's power iteration: 42-75,
     and 1-2 % less accurate); a warm one, 1-10 steps after the previous probe, 3-7 products or 5.5-14 training steps,
-    within 0.1-1 % of a 40-product reference (``benchmarks/results_sharpness.md``). Other steps cost nothing.
+    within 0.1-1 % of a 40-product reference (``benchmarks/RESULTS.md`` §4). Other steps cost nothing.
 
     **torch.compile**: the probe runs the module eagerly (``torch.compiler.set_stance("force_eager")``): a compiled
     backward cannot be differentiated again (double backward), and the probe's perturbed weights would only cause
