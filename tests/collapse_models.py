@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from models import quiet_trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -98,19 +99,8 @@ def collapse_loader(
 
 
 def collapse_trainer(**kwargs: Any) -> Trainer:
-    defaults: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "num_sanity_val_steps": 0,
-        "log_every_n_steps": 1,
-        "logger": False,
-        "max_epochs": 1,
-    }
-    defaults.update(kwargs)
-    return Trainer(**defaults)
+    """The shared quiet trainer, without a logger, for one epoch (overridable)."""
+    return quiet_trainer(**{"logger": False, "max_epochs": 1, **kwargs})
 
 
 def first_nonfinite_step(model: ReluMLP) -> int | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from models import RecordingLogger
+from models import RecordingLogger, quiet_trainer
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.data import DataLoader, TensorDataset
@@ -26,19 +26,8 @@ class Recorder(RecordingLogger):
 
 
 def trainer(**kwargs: Any) -> Trainer:
-    """A quiet CPU Trainer (no progress bar, summary, checkpointing, sanity check); overridable."""
-    defaults: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "num_sanity_val_steps": 0,
-        "log_every_n_steps": 1,
-        "logger": False,
-    }
-    defaults.update(kwargs)
-    return Trainer(**defaults)
+    """The shared quiet trainer (``tests/models.py``), without a logger unless given."""
+    return quiet_trainer(**{"logger": False, **kwargs})
 
 
 def sequences(n: int = 64, steps: int = 12, batch_size: int = 8, seed: int = 0, shift: float = 0.0) -> DataLoader:
