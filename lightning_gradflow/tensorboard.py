@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_gradflow.interventions import Intervention, interventions_markdown
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     from matplotlib.figure import Figure
@@ -68,6 +70,11 @@ def add_figure(logger: TensorBoardLogger, tag: str, figure: Figure, step: int) -
 def add_text(logger: TensorBoardLogger, tag: str, text: str, step: int) -> None:
     """Writes Markdown text."""
     logger.experiment.add_text(prefixed(logger, tag), text, global_step=step)
+
+
+def add_interventions(logger: TensorBoardLogger, family: str, records: list[Intervention], step: int) -> None:
+    """Writes interventions as a Markdown table under ``<family>/interventions``."""
+    add_text(logger, f"{family}/interventions", interventions_markdown(records), step)
 
 
 def gradient_flow_figure(

@@ -45,7 +45,7 @@ from lightning_gradflow.collapse import (
     take_snapshot,
     unit_abs_sums,
 )
-from lightning_gradflow.interventions import Intervention, InterventionLog, interventions_markdown, scale_learning_rate
+from lightning_gradflow.interventions import Intervention, InterventionLog, scale_learning_rate
 from lightning_gradflow.stats import tensor_stats
 from lightning_gradflow.stats._common import BACKENDS, Backend
 
@@ -920,7 +920,7 @@ class EarlyCollapseCallback(Callback):
         new = self._log.unreported()
         if new:
             for logger in loggers:
-                tb.add_text(logger, f"{FAMILY}/interventions", interventions_markdown(new), step or trainer.global_step)
+                tb.add_interventions(logger, FAMILY, new, step or trainer.global_step)
 
     # ----------------------------------------------------------------------------------------------------- state
 

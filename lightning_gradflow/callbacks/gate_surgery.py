@@ -38,7 +38,7 @@ from lightning_gradflow.gates import (
     reset_optimizer_rows_,
     row_scales,
 )
-from lightning_gradflow.interventions import Intervention, InterventionLog, interventions_markdown
+from lightning_gradflow.interventions import Intervention, InterventionLog
 from lightning_gradflow.stats import HistogramSpec, tensorboard_histogram
 
 if TYPE_CHECKING:
@@ -589,7 +589,7 @@ class GateSurgeryCallback(Callback):
                         raw = tensorboard_histogram(preact[row * len(gated.gates) + g].long(), _PREACT_SPEC)
                         tb.add_histogram(logger, f"{FAMILY}/preact_hist/{key}", raw, probe.step)
             if new:
-                tb.add_text(logger, f"{FAMILY}/interventions", interventions_markdown(new), probe.step)
+                tb.add_interventions(logger, FAMILY, new, probe.step)
 
     # ----------------------------------------------------------------------------------------------------- state
 

@@ -32,7 +32,7 @@ from lightning_gradflow.clipping import (
     clip_coefficient,
 )
 from lightning_gradflow.flow import FlowRule, active_rms, depth_order, flow_ratios, parameter_layers, update_streaks
-from lightning_gradflow.interventions import Intervention, InterventionLog, interventions_markdown
+from lightning_gradflow.interventions import Intervention, InterventionLog
 from lightning_gradflow.stats import (
     HistogramSpec,
     Stat,
@@ -745,7 +745,7 @@ class GradientFlowCallback(Callback):
                 )
                 tb.add_figure(logger, f"{FAMILY}/flow", figure, item.step)
             if new:
-                tb.add_text(logger, f"{FAMILY}/interventions", interventions_markdown(new), item.step)
+                tb.add_interventions(logger, FAMILY, new, item.step)
 
     # ----------------------------------------------------------------------------------------------------- state
 

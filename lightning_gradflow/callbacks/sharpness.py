@@ -40,7 +40,7 @@ from lightning_gradflow.curvature import (
     sam_sharpness,
     stability_rule,
 )
-from lightning_gradflow.interventions import Intervention, InterventionLog, interventions_markdown, scale_learning_rate
+from lightning_gradflow.interventions import Intervention, InterventionLog, scale_learning_rate
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -423,7 +423,7 @@ class SharpnessCallback(Callback):
         new = self._log.unreported()
         if new:
             for logger in tb.tensorboard_loggers(trainer):
-                tb.add_text(logger, f"{FAMILY}/interventions", interventions_markdown(new), step)
+                tb.add_interventions(logger, FAMILY, new, step)
 
     def _rule(self, trainer: pl.Trainer) -> StabilityRule:
         if len(trainer.optimizers) != 1:
