@@ -1,13 +1,19 @@
-"""Small pieces every callback needs: validation of constructor arguments, refusing unsupported strategies."""
+"""Small pieces every callback needs: argument checks, refusing unsupported strategies, AMP-correct gradient norms."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Any
 
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+
+from lightning_gradflow.stats import Stat, TensorStats
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+    from torch.optim import Optimizer
 
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
@@ -76,3 +82,34 @@ def log_interval(trainer: pl.Trainer, own: int | None) -> int:
         return own
     every = int(getattr(trainer, "log_every_n_steps", 50))
     return every if every > 0 else 50
+
+
+def unscaled_for_optimizer(stats: TensorStats, scaler: Any, optimizer: Optimizer) -> TensorStats:
+    """Gradient statistics as the optimizer will use them, read in ``on_before_optimizer_step``.
+
+    Under fp16 AMP Lightning unscales the gradients before this hook, except for fused optimizers
+    (``_step_supports_amp_scaling``), which unscale inside ``step()``: their statistics are divided by the
+    GradScaler's current scale here (read on the device: no sync).
+
+    Args:
+        stats: statistics of the gradients as they are.
+        scaler: the precision plugin's GradScaler, or None.
+        optimizer: the optimizer about to step.
+    """
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return stats
+    scale = scaler._get_scale_async()
+    if scale is None:
+        return stats
+    inv = 1.0 / scale.to(stats.table.device).float()
+    factors = torch.ones(stats.table.shape[1], device=stats.table.device)
+    factors[Stat.SUMSQ] = inv * inv
+    factors[Stat.ABSMAX] = inv
+    factors[Stat.SUM] = inv
+    return TensorStats(stats.table * factors)
+
+
+def global_norm_or_nan(stats: TensorStats) -> Tensor:
+    """The global norm of all rows (0-dim, on the device); NaN when any value was non-finite."""
+    norm = stats.total_norm()
+    return torch.where(stats.nonfinite.sum() > 0, torch.full_like(norm, math.nan), norm)

@@ -24,8 +24,10 @@ from lightning_gradflow.callbacks._common import (
     check_float_in,
     check_positive_float,
     check_positive_int,
+    global_norm_or_nan,
     log_interval,
     refuse_sharded_strategy,
+    unscaled_for_optimizer,
 )
 from lightning_gradflow.callbacks.gradient_flow import GradientFlowCallback
 from lightning_gradflow.collapse import (
@@ -637,12 +639,7 @@ class EarlyCollapseCallback(Callback):
         grads = [p.grad for p in params]
         # only the norm is needed: no zero counts (one read of each large CPU gradient instead of two)
         stats = tensor_stats(grads, backend=self.backend, full=False, count_zeros=[False] * len(grads))  # type: ignore[arg-type]
-        norm = stats.total_norm()
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            scale = scaler._get_scale_async()  # fused optimizers unscale inside step(): still scaled here
-            if scale is not None:
-                norm = norm / scale.to(norm.device).float()
-        return torch.where(stats.nonfinite.sum() > 0, torch.full_like(norm, math.nan), norm)
+        return global_norm_or_nan(unscaled_for_optimizer(stats, scaler, optimizer))
 
     def _flush(
         self, trainer: pl.Trainer, step: int, measured: list[tuple[str, str, Tensor]] | None = None

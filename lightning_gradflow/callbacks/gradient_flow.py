@@ -20,8 +20,10 @@ from lightning_gradflow.callbacks._common import (
     check_float_in,
     check_positive_float,
     check_positive_int,
+    global_norm_or_nan,
     log_interval,
     refuse_sharded_strategy,
+    unscaled_for_optimizer,
 )
 from lightning_gradflow.clipping import (
     CLIP_MODES,
@@ -424,8 +426,7 @@ class GradientFlowCallback(Callback):
         stats = tensor_stats(grads, backend=self.backend, full=report, count_zeros=count_zeros)
         if count_zeros is not None and not all(count_zeros):
             stats.table[:, Stat.ZEROS].nan_to_num_(0.0)
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            stats = _unscale(stats, scaler)  # fused optimizers unscale inside step(): the gradients are still scaled
+        stats = unscaled_for_optimizer(stats, scaler, optimizer)
         layer_stats = stats.reduce_rows(self._rows(params, device), len(self.layers))
         total_norm = stats.total_norm()
         nonfinite = stats.nonfinite.sum()
@@ -466,7 +467,7 @@ class GradientFlowCallback(Callback):
             self._reset_window(device)
         self._pending.append(pending)
         self._last = pending
-        self._measured = (step, torch.where(nonfinite > 0, torch.full_like(total_norm, math.nan), total_norm))
+        self._measured = (step, global_norm_or_nan(stats))
 
     def _move_state(self, device: torch.device) -> None:
         if self._nonfinite.device != device:
@@ -787,19 +788,6 @@ class GradientFlowCallback(Callback):
         self._clipped.fill_(window["clipped"])
         self._worst = torch.tensor(window["worst"], dtype=torch.float32)
         self._steps_since_log = int(window["steps"])
-
-
-def _unscale(stats: TensorStats, scaler: Any) -> TensorStats:
-    """Statistics of scaled gradients divided by the GradScaler's current scale (read on the device: no sync)."""
-    scale = scaler._get_scale_async()
-    if scale is None:
-        return stats
-    inv = 1.0 / scale.to(stats.table.device).float()
-    factors = torch.ones(stats.table.shape[1], device=stats.table.device)
-    factors[Stat.SUMSQ] = inv * inv
-    factors[Stat.ABSMAX] = inv
-    factors[Stat.SUM] = inv
-    return TensorStats(stats.table * factors)
 
 
 def _to_host(parts: dict[str, Tensor]) -> dict[str, Tensor]:
