@@ -15,7 +15,8 @@ in a callback list. They meet here:
 
 Example::
 
-    >>> owner = object()  # a Trainer, a Fabric object, or anything that lives as long as the run
+    >>> class Run: ...
+    >>> owner = Run()  # a Trainer, a Fabric object, or anything that lives as long as the run (weakly referenced)
     >>> channel = channel_for(owner)
     >>> channel.publish(3, "grad_norm", 1.5)
     >>> channel.read(3, "grad_norm"), channel.read(4, "grad_norm")
@@ -61,7 +62,7 @@ class Participant(Protocol):
     """What a callback implements to keep its view of applied interventions right across rollbacks."""
 
     def rollback_state(self) -> Any:
-        """The state to keep with a snapshot (plain values or CPU tensors)."""
+        """The state to keep with a snapshot: plain values or tensors, as copies (the caller keeps them as given)."""
 
     def restore_rollback_state(self, state: Any, event: Event) -> None:
         """Returns to the state kept with the snapshot being restored (``state`` is None if it joined later)."""

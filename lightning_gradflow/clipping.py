@@ -2,22 +2,107 @@
 
 Every rule turns the current global gradient norm into a threshold and a coefficient ``min(1, threshold / norm)``
 kept on the device, so a training step never waits for the host. ``agc`` works per unit instead (see
-:func:`agc_clip_`). State lives in plain tensors and round-trips through ``state_dict``.
+:func:`agc_clip_`). State lives in plain tensors and round-trips through ``state_dict``; :meth:`~ZScoreClipper.
+rollback_state` / :meth:`~ZScoreClipper.restore_rollback_state` keep device copies for in-memory rollbacks.
+
+Each setting is declared, with its default and its bounds, once: :class:`ZClipConfig` and :class:`AutoClipConfig`
+(the callback takes the same names as flat arguments). Gradients may be dense or sparse (:func:`scale_grads_`,
+:func:`agc_clip_`), real or complex.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from lightning_gradflow.stats._common import check_float, check_int
 
 ClipMode = Literal["zscore", "percentile", "agc", "norm"]
 CLIP_MODES: tuple[str, ...] = ("zscore", "percentile", "agc", "norm")
 
 #: Added to norms before dividing (as in ``torch.nn.utils.clip_grad_norm_``).
 NORM_EPS = 1e-6
+#: Upper bound of ``warmup_steps``: the warm-up norms are kept on the device to take their median.
+MAX_WARMUP_STEPS = 100_000
+#: Upper bound of ``percentile_window``: the window is kept on the device and sorted every step.
+MAX_PERCENTILE_WINDOW = 1_000_000
+#: Thresholds are float32 on the device: a cap above this is no cap (every finite float32 norm is below it).
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def max_norm_threshold(value: float | None, name: str = "max_norm") -> float | None:
+    """A validated fixed threshold (finite, > 0) as a float32-representable float; None stays None.
+
+    Any finite value works: one above float32's range caps nothing, exactly like ``float32.max``.
+
+    Example::
+
+        >>> max_norm_threshold(1e300) == float(torch.finfo(torch.float32).max)
+        True
+    """
+    number = check_float(name, value, allow_none=True)
+    return None if number is None else min(number, _FLOAT32_MAX)
+
+
+@dataclass(frozen=True)
+class ZClipConfig:
+    """ZClip's settings (see :class:`ZScoreClipper`): each default and bound declared, and validated, here only.
+
+    Args:
+        z_threshold: z-score above which a norm is clipped (ZClip: 2.5); any finite value > 0 (a huge one never
+            clips after the warm-up).
+        ema_alpha: EMA decay of mean and variance, in (0, 1) (ZClip: 0.97).
+        warmup_steps: finite norms collected before z-score clipping starts (ZClip: 25), at most
+            :data:`MAX_WARMUP_STEPS`.
+
+    Raises:
+        TypeError: for a value of the wrong type.
+        ValueError: for a value out of its bounds.
+
+    Example::
+
+        >>> ZClipConfig(z_threshold=3).z_threshold
+        3.0
+        >>> ZClipConfig(warmup_steps=10**9)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `warmup_steps` <= 100000, but got 1000000000.
+    """
+
+    z_threshold: float = 2.5
+    ema_alpha: float = 0.97
+    warmup_steps: int = 25
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "z_threshold", check_float("z_threshold", self.z_threshold))
+        object.__setattr__(self, "ema_alpha", check_float("ema_alpha", self.ema_alpha, 0.0, 1.0))
+        check_int("warmup_steps", self.warmup_steps, high=MAX_WARMUP_STEPS)
+
+
+@dataclass(frozen=True)
+class AutoClipConfig:
+    """AutoClip's settings (see :class:`PercentileClipper`), declared and validated here only.
+
+    Args:
+        percentile: percentile of past norms used as the threshold, in (0, 100] (AutoClip: 10).
+        percentile_window: how many past norms are kept, at most :data:`MAX_PERCENTILE_WINDOW`.
+
+    Raises:
+        TypeError: for a value of the wrong type.
+        ValueError: for a value out of its bounds.
+    """
+
+    percentile: float = 10.0
+    percentile_window: int = 10_000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "percentile", check_float("percentile", self.percentile, 0.0, 100.0, closed_high=True))
+        check_int("percentile_window", self.percentile_window, high=MAX_PERCENTILE_WINDOW)
 
 
 def clip_coefficient(norm: Tensor, threshold: Tensor) -> Tensor:
@@ -45,9 +130,9 @@ class ZScoreClipper:
     Everything is kept on the device: no call reads a value back to the host.
 
     Args:
-        z_threshold: z-score above which a norm is clipped (ZClip: 2.5).
-        alpha: EMA decay of mean and variance (ZClip: 0.97).
-        warmup_steps: finite norms collected before z-score clipping starts (ZClip: 25).
+        z_threshold: z-score above which a norm is clipped (see :class:`ZClipConfig`).
+        alpha: EMA decay of mean and variance (``ema_alpha`` of :class:`ZClipConfig`, whose messages name it so).
+        warmup_steps: finite norms collected before z-score clipping starts (see :class:`ZClipConfig`).
         max_norm: optional hard cap applied on top (``None`` for none).
         std_floor: floor on σ relative to μ.
         warmup_factor: spike bound during warm-up, as a multiple of the running median.
@@ -55,19 +140,20 @@ class ZScoreClipper:
 
     def __init__(
         self,
-        z_threshold: float = 2.5,
-        alpha: float = 0.97,
-        warmup_steps: int = 25,
+        z_threshold: float = ZClipConfig.z_threshold,
+        alpha: float = ZClipConfig.ema_alpha,
+        warmup_steps: int = ZClipConfig.warmup_steps,
         max_norm: float | None = None,
         std_floor: float = 1e-2,
         warmup_factor: float = 10.0,
     ) -> None:
-        self.z_threshold = z_threshold
-        self.alpha = alpha
-        self.warmup_steps = warmup_steps
-        self.max_norm = max_norm
-        self.std_floor = std_floor
-        self.warmup_factor = warmup_factor
+        config = ZClipConfig(z_threshold, alpha, warmup_steps)
+        self.z_threshold = config.z_threshold
+        self.alpha = config.ema_alpha
+        self.warmup_steps = config.warmup_steps
+        self.max_norm = max_norm_threshold(max_norm)
+        self.std_floor = check_float("std_floor", std_floor, closed_low=True)
+        self.warmup_factor = check_float("warmup_factor", warmup_factor)
         self.steps = 0  # calls so far (host counter)
         self.count: Tensor | None = None  # finite norms collected during warm-up (device)
         self.mean: Tensor | None = None
@@ -103,7 +189,9 @@ class ZScoreClipper:
         # z-score phase (from the step after the warm-up completed)
         std = self.var.clamp(min=0).sqrt().maximum(self.std_floor * self.mean.abs()) + NORM_EPS
         z = (norm - self.mean) / std
-        clipped = torch.where(z > self.z_threshold, self.mean + std * self.z_threshold**2 / z, norm)
+        # mean + std · zt² / z, written so that no intermediate overflows for a huge zt (where z > zt, zt / z < 1)
+        zt = self.z_threshold
+        clipped = torch.where(z > zt, self.mean + std * zt * (zt / z), norm)
         update = ~warming & finite
         new_mean = self.alpha * self.mean + (1 - self.alpha) * clipped
         new_var = self.alpha * self.var + (1 - self.alpha) * (clipped - new_mean) ** 2
@@ -131,15 +219,46 @@ class ZScoreClipper:
         }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
-        """Restores :meth:`state_dict` output (onto ``device``)."""
-        self.steps = int(state["steps"])
+        """Restores :meth:`state_dict` output (onto ``device``).
+
+        Raises:
+            ValueError: for statistics that cannot come from this clipper: a NaN or negative mean, variance or
+                count, or a warm-up of another length than ``warmup_steps``.
+        """
+        steps = _non_negative_int("steps", state["steps"])
         if "count" not in state:
+            self.steps = steps
             self.count = self.mean = self.var = self._warmup = None
             return
-        self.count = torch.tensor(float(state["count"]), device=device)
-        self.mean = torch.tensor(float(state["mean"]), device=device)
-        self.var = torch.tensor(float(state["var"]), device=device)
-        self._warmup = torch.tensor(state["warmup"], device=device)
+        count, mean, var = (float(state[key]) for key in ("count", "mean", "var"))
+        warmup = [float(v) for v in state["warmup"]]
+        if not (0 <= count <= self.warmup_steps and math.isfinite(mean) and mean >= 0 and math.isfinite(var)):
+            raise ValueError(f"ZClip statistics out of range: count={count}, mean={mean}, var={var}")
+        if var < 0 or len(warmup) != self.warmup_steps or any(v < 0 for v in warmup):
+            raise ValueError(
+                f"ZClip statistics do not fit: var={var}, a warm-up of {len(warmup)} norms for"
+                f" `warmup_steps={self.warmup_steps}`"
+            )
+        self.steps = steps
+        self.count = torch.tensor(count, device=device)
+        self.mean = torch.tensor(mean, device=device)
+        self.var = torch.tensor(var, device=device)
+        self._warmup = torch.tensor(warmup, device=device)
+
+    def rollback_state(self) -> dict[str, Any]:
+        """Device copies of the statistics (no host sync), for :meth:`restore_rollback_state`."""
+        state: dict[str, Any] = {"steps": self.steps}
+        for name in ("count", "mean", "var", "_warmup"):
+            value = getattr(self, name)
+            state[name] = None if value is None else value.clone()
+        return state
+
+    def restore_rollback_state(self, state: dict[str, Any]) -> None:
+        """Returns to the statistics of :meth:`rollback_state` (copied again: the state can be restored twice)."""
+        self.steps = int(state["steps"])
+        for name in ("count", "mean", "var", "_warmup"):
+            value = state[name]
+            setattr(self, name, None if value is None else value.clone())
 
     def to(self, device: torch.device) -> None:
         """Moves the statistics to ``device``."""
@@ -156,15 +275,21 @@ class PercentileClipper:
     and the percentile's cost stay bounded. The current norm joins the history before the percentile is taken.
 
     Args:
-        percentile: in (0, 100] (AutoClip: 10).
-        window: how many past norms are kept.
+        percentile: in (0, 100] (see :class:`AutoClipConfig`).
+        window: how many past norms are kept (``percentile_window`` of :class:`AutoClipConfig`).
         max_norm: optional hard cap on the threshold.
     """
 
-    def __init__(self, percentile: float = 10.0, window: int = 10_000, max_norm: float | None = None) -> None:
-        self.percentile = percentile
-        self.window = window
-        self.max_norm = max_norm
+    def __init__(
+        self,
+        percentile: float = AutoClipConfig.percentile,
+        window: int = AutoClipConfig.percentile_window,
+        max_norm: float | None = None,
+    ) -> None:
+        config = AutoClipConfig(percentile, window)
+        self.percentile = config.percentile
+        self.window = config.percentile_window
+        self.max_norm = max_norm_threshold(max_norm)
         self.steps = 0
         self._history: Tensor | None = None
 
@@ -186,10 +311,31 @@ class PercentileClipper:
         return {"steps": self.steps, "history": None if self._history is None else self._history.cpu().tolist()}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
-        """Restores :meth:`state_dict` output."""
+        """Restores :meth:`state_dict` output.
+
+        Raises:
+            ValueError: for a history of another length than ``window`` or with negative norms.
+        """
+        steps = _non_negative_int("steps", state["steps"])
+        history = state["history"]
+        if history is not None:
+            history = [float(v) for v in history]
+            if len(history) != self.window or any(v < 0 for v in history):  # NaN marks an empty slot
+                raise ValueError(
+                    f"AutoClip history of {len(history)} norms does not fit `percentile_window={self.window}`"
+                )
+        self.steps = steps
+        self._history = None if history is None else torch.tensor(history, device=device)
+
+    def rollback_state(self) -> dict[str, Any]:
+        """A device copy of the history (no host sync), for :meth:`restore_rollback_state`."""
+        return {"steps": self.steps, "history": None if self._history is None else self._history.clone()}
+
+    def restore_rollback_state(self, state: dict[str, Any]) -> None:
+        """Returns to the history of :meth:`rollback_state`."""
         self.steps = int(state["steps"])
         history = state["history"]
-        self._history = None if history is None else torch.tensor(history, device=device)
+        self._history = None if history is None else history.clone()
 
     def to(self, device: torch.device) -> None:
         """Moves the history to ``device``."""
@@ -197,33 +343,114 @@ class PercentileClipper:
             self._history = self._history.to(device)
 
 
+def _non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"expected `{name}` to be a count >= 0, got {value!r}")
+    return int(value)
+
+
+def scale_grads_(grads: Sequence[Tensor], coef: Tensor) -> None:
+    """Multiplies every gradient by ``coef`` (a 0-dim tensor) in place, on the device.
+
+    Dense gradients take one multi-tensor operation; sparse ones (which ``torch._foreach_mul_`` refuses) are scaled
+    one by one, through their stored values.
+    """
+    dense = [g for g in grads if g.layout == torch.strided]
+    if dense:
+        torch._foreach_mul_(dense, coef)
+    for g in grads:
+        if g.layout != torch.strided:
+            _values(g).mul_(coef.to(g.device))
+
+
+def _values(g: Tensor) -> Tensor:
+    """The stored values of a sparse tensor, as a view that writes through (uncoalesced COO: its raw entries)."""
+    if g.layout == torch.sparse_coo:
+        return g._values()
+    return g.values()
+
+
 def unitwise_norm(x: Tensor) -> Tensor:
-    """Norm per output unit (over every dim but the first), as in NFNets; the whole norm for 0-/1-D tensors."""
+    """Norm per output unit (over every dim but the first), as in NFNets; the whole norm for 0-/1-D tensors.
+
+    Complex tensors give the norm of their magnitudes; real ones are reduced in (at least) float32.
+    """
+    x = x if x.dtype.is_complex or x.dtype == torch.float64 else x.float()
     if x.ndim <= 1:
-        return torch.linalg.vector_norm(x.float())
-    return torch.linalg.vector_norm(x.float(), dim=tuple(range(1, x.ndim)), keepdim=True)
+        return torch.linalg.vector_norm(x)
+    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def _sparse_unit_scale(p: Tensor, g: Tensor, clip_factor: float, eps: float) -> tuple[Tensor, Tensor, int]:
+    """AGC scales of a sparse COO gradient's units, exactly: ``(scale per unit, scale per stored entry, units)``.
+
+    Unit norms come from the coalesced values (duplicates summed first); the scales are applied to the raw entries,
+    which is the same since a unit's entries all get its scale. Units that hold no entry have a zero gradient and a
+    scale of 1.
+    """
+    c = g.coalesce()
+    values = c.values()
+    squares = values.abs().double().square() if values.dtype.is_complex else values.double().square()
+    if p.ndim <= 1:  # one unit: the whole tensor
+        g_norm = squares.sum().sqrt().reshape(1)
+        w_norm = unitwise_norm(p.detach()).double().reshape(1)
+        unit_of_entry = torch.zeros(g._values().shape[0], dtype=torch.long, device=g.device)
+    else:
+        per_entry = squares.reshape(values.shape[0], -1).sum(1) if values.ndim > 1 else squares
+        g_norm = torch.zeros(p.shape[0], dtype=torch.float64, device=g.device)
+        g_norm = g_norm.index_add_(0, c.indices()[0], per_entry).sqrt()
+        w_norm = unitwise_norm(p.detach()).double().reshape(-1)
+        unit_of_entry = g._indices()[0]
+    scale = _agc_scale(w_norm.clamp(min=eps) * clip_factor, g_norm)
+    return scale, scale[unit_of_entry], scale.numel()
+
+
+def _agc_scale(max_norm: Tensor, g_norm: Tensor) -> Tensor:
+    """``min(1, max_norm / ‖G‖)`` per unit; 1 where the gradient norm is not finite (such steps are skipped)."""
+    scale = (max_norm / g_norm.clamp(min=NORM_EPS)).clamp(max=1.0)
+    return torch.where(torch.isfinite(g_norm), scale, torch.ones_like(scale))
 
 
 def agc_clip_(params: Sequence[Tensor], grads: Sequence[Tensor], clip_factor: float, eps: float) -> Tensor:
     """Unit-wise adaptive gradient clipping (Brock et al. 2021), in place; returns the fraction of units clipped.
 
-    Each unit's gradient is scaled so that ``‖G_i‖ ≤ clip_factor · max(‖W_i‖, eps)``.
+    Each unit's gradient is scaled so that ``‖G_i‖ ≤ clip_factor · max(‖W_i‖, eps)``. A sparse COO gradient (e.g.
+    of ``nn.Embedding(sparse=True)``) is clipped exactly, unit by unit, through its stored values; another sparse
+    layout is clipped as one unit (its whole norm against the whole weight norm). Complex gradients use ``|z|``.
 
     Args:
         params: the weights.
         grads: their gradients (modified in place).
         clip_factor: λ (NFNets: 0.01 for batch 4096; larger for smaller batches).
         eps: floor on the weight norm, so zero-initialised units can still move (NFNets: 1e-3).
+
+    Example::
+
+        >>> w, g = torch.ones(2, 2), torch.tensor([[10.0, 0.0], [0.001, 0.0]])
+        >>> float(agc_clip_([w], [g], clip_factor=0.1, eps=1e-3))  # the first unit is clipped, the second not
+        0.5
+        >>> round(float(g[0].norm()), 4)  # 0.1 × ‖(1, 1)‖
+        0.1414
     """
+    eps = min(float(eps), _FLOAT32_MAX)  # a floor beyond float32's range floors every unit at float32's largest
     clipped, units = [], 0
     for p, g in zip(params, grads, strict=True):
-        max_norm = unitwise_norm(p.detach()).clamp(min=eps) * clip_factor
-        g_norm = unitwise_norm(g)
-        scale = (max_norm / g_norm.clamp(min=NORM_EPS)).clamp(max=1.0)
-        scale = torch.where(torch.isfinite(g_norm), scale, torch.ones_like(scale))
-        g.mul_(scale.to(g.dtype))
-        clipped.append((scale < 1).float().sum().reshape(1))
-        units += scale.numel()
+        if g.layout == torch.sparse_coo:
+            scale, entry_scale, n = _sparse_unit_scale(p, g, clip_factor, eps)
+            values = g._values()
+            values.mul_(entry_scale.reshape(-1, *([1] * (values.ndim - 1))).to(values.real.dtype))
+        elif g.layout != torch.strided:  # another sparse layout: one unit, the whole tensor
+            values = _values(g)
+            w_norm = unitwise_norm(p.detach().reshape(-1))
+            scale = _agc_scale(w_norm.clamp(min=eps) * clip_factor, unitwise_norm(values.reshape(-1))).reshape(1)
+            values.mul_(scale.to(values.real.dtype))
+            n = 1
+        else:
+            scale = _agc_scale(unitwise_norm(p.detach()).clamp(min=eps) * clip_factor, unitwise_norm(g))
+            g.mul_(scale.to(g.real.dtype))
+            n = scale.numel()
+        clipped.append((scale < 1).float().sum().reshape(1).to(grads[0].device))
+        units += n
     if not clipped:
         return torch.zeros(())
     return torch.cat(clipped).sum() / max(units, 1)

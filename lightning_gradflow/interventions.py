@@ -75,8 +75,12 @@ def interventions_markdown(records: list[Intervention]) -> str:
 class InterventionLog:
     """The interventions one callback made in a run: the records, which of them were already written, and state.
 
+    Memory stays bounded in runs of any length: the newest ``max_records`` records are kept (older ones were already
+    written to the loggers), while :attr:`total` and ``len(log)`` count every record ever added.
+
     Args:
         callback: the callback's class name, stamped on every record.
+        max_records: records kept in memory and in checkpoints, > 0.
 
     Example::
 
@@ -88,19 +92,33 @@ class InterventionLog:
         >>> restored.load_state_dict(log.state_dict())
         >>> restored.records == log.records, restored.unreported()
         (True, [])
+        >>> small = InterventionLog("GradientFlowCallback", max_records=2)
+        >>> for step in range(5):
+        ...     _ = small.add(step, "clip", "all", "spike", 2.0, 1.0)
+        >>> [r.step for r in small.records], len(small)
+        ([3, 4], 5)
     """
 
-    def __init__(self, callback: str) -> None:
+    def __init__(self, callback: str, max_records: int = 10_000) -> None:
+        if not isinstance(max_records, int) or isinstance(max_records, bool) or max_records <= 0:
+            raise ValueError(f"Expected `max_records` to be an int > 0, but got {max_records!r}.")
         self.callback = callback
+        self.max_records = max_records
         self.records: list[Intervention] = []
+        self.total = 0
         self._reported = 0
 
     def add(
         self, step: int, kind: str, target: str, reason: str, before: float, after: float, applied: bool = True
     ) -> Intervention:
-        """Appends one record and returns it."""
+        """Appends one record and returns it (dropping the oldest beyond ``max_records``)."""
         record = Intervention(step, self.callback, kind, target, reason, float(before), float(after), applied)
         self.records.append(record)
+        self.total += 1
+        excess = len(self.records) - self.max_records
+        if excess > 0:
+            del self.records[:excess]
+            self._reported = max(0, self._reported - excess)
         return record
 
     def unreported(self) -> list[Intervention]:
@@ -110,15 +128,20 @@ class InterventionLog:
         return new
 
     def __len__(self) -> int:
-        return len(self.records)
+        return self.total
 
-    def state_dict(self) -> list[dict[str, Any]]:
-        """The records as plain dicts."""
-        return [r.to_dict() for r in self.records]
+    def state_dict(self) -> dict[str, Any]:
+        """The kept records as plain dicts, and the total count."""
+        return {"records": [r.to_dict() for r in self.records], "total": self.total}
 
-    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
-        """Restores the records; restored records count as already reported."""
-        self.records = [Intervention.from_dict(d) for d in state]
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Restores the records (also the plain list older versions saved); they count as already reported."""
+        records = state if isinstance(state, list) else state["records"]
+        total = len(records) if isinstance(state, list) else int(state["total"])
+        if not isinstance(records, list) or total < len(records):
+            raise ValueError(f"intervention records: expected a list and a total >= its length, got {state!r:.200}")
+        self.records = [Intervention.from_dict(d) for d in records][-self.max_records :]
+        self.total = total
         self._reported = len(self.records)
 
 

@@ -204,3 +204,77 @@ class ManualReluMLP(ReluMLP):
         self.manual_backward(loss)
         opt.step()  # type: ignore[union-attr]
         return loss
+
+
+# ------------------------------------------------------------------------------------ audit models (issue 12)
+
+
+class SparseEmbedding(LightningModule):
+    """``nn.Embedding(sparse=True)`` summed per bag, MSE; ``optimizer`` "sgd" or "sparse_adam"; optionally manual."""
+
+    def __init__(self, optimizer: str = "sgd", manual: bool = False, num: int = 32, dim: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(num, dim, sparse=True)
+        self.optimizer_name = optimizer
+        self.automatic_optimization = not manual
+        self.losses: list[tuple[int, float]] = []
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        ids, y = batch
+        loss = nn.functional.mse_loss(self.emb(ids).sum(dim=(1, 2)), y)
+        self.losses.append((self.trainer.global_step, float(loss.detach())))
+        if not self.automatic_optimization:
+            opt = self.optimizers()
+            opt.zero_grad()  # type: ignore[union-attr]
+            self.manual_backward(loss)
+            opt.step()  # type: ignore[union-attr]
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "sparse_adam":
+            return torch.optim.SparseAdam(self.parameters(), lr=0.01)
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def sparse_loader(steps: int, batch_size: int = 8, num: int = 32, nan_batch: int | None = None) -> DataLoader:
+    """Bags of 3 ids and a target; batch ``nan_batch`` has NaN targets (a NaN loss and NaN sparse gradients)."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, num, (steps * batch_size, 3), generator=gen)
+    y = torch.randn(steps * batch_size, generator=gen)
+    if nan_batch is not None:
+        y[nan_batch * batch_size : (nan_batch + 1) * batch_size] = math.nan
+    return DataLoader(TensorDataset(ids, y), batch_size=batch_size, shuffle=False)
+
+
+class ComplexLinear(LightningModule):
+    """``|x · w - y|²`` with a complex weight vector ``w``; SGD or Adam."""
+
+    def __init__(self, in_features: int = 8, optimizer: str = "sgd") -> None:
+        super().__init__()
+        self.w = nn.Parameter(0.1 * torch.randn(in_features, dtype=torch.complex64))
+        self.optimizer_name = optimizer
+        self.losses: list[tuple[int, float]] = []
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = (x.to(torch.complex64) @ self.w - y).abs().pow(2).mean()
+        self.losses.append((self.trainer.global_step, float(loss.detach())))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def same_batch_loader(x: Tensor, y: Tensor, steps: int, bad: dict[int, str] | None = None) -> DataLoader:
+    """``steps`` copies of the full batch ``(x, y)`` (a deterministic loss); ``bad[k]`` is ``"nan"`` (a NaN input)
+    or ``"spike"`` (inputs × 10) for batch ``k``."""
+    xs, ys = x.repeat(steps, 1), y.repeat(steps, 1)
+    n = x.shape[0]
+    for k, kind in (bad or {}).items():
+        if kind == "nan":
+            xs[k * n, 0] = math.nan
+        else:
+            xs[k * n : (k + 1) * n] *= 10.0
+    return DataLoader(TensorDataset(xs, ys), batch_size=n, shuffle=False)

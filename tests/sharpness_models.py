@@ -149,3 +149,100 @@ class QuietMLP(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+# ----------------------------------------------------------------------------------------- reliability audit
+
+
+def token_data(n: int = 32, vocab: int = 10, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Token ids (every id appears, some repeat within a batch) and a real target."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=gen), torch.randn(n, generator=gen)
+
+
+class SparseEmbedding(LightningModule):
+    """``nn.Embedding(sparse=True)`` → tanh → linear: sparse gradients for the table, dense for the head.
+
+    ``optimizer="sgd"``: one SGD, automatic optimization. ``optimizer="sparse_adam"``: SparseAdam for the table and
+    Adam for the head, manual optimization (Lightning needs it for two optimizers). ``sparse=False``: the dense twin.
+    """
+
+    def __init__(self, optimizer: str = "sgd", sparse: bool = True, vocab: int = 10, dim: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(vocab, dim, sparse=sparse)
+        self.head = nn.Linear(dim, 1)
+        self.optimizer_name = optimizer
+        self.automatic_optimization = optimizer == "sgd"
+
+    def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.head(torch.tanh(self.emb(x))).squeeze(-1), y)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
+        if not self.automatic_optimization:
+            optimizers = self.optimizers()
+            for opt in optimizers:  # type: ignore[union-attr]
+                opt.zero_grad()
+            self.manual_backward(loss)
+            for opt in optimizers:  # type: ignore[union-attr]
+                opt.step()
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+        return [torch.optim.SparseAdam(self.emb.parameters(), lr=1e-2), torch.optim.Adam(self.head.parameters(), 1e-2)]
+
+
+class ModuleLossSharpness(SharpnessCallback):
+    """SharpnessCallback for manual optimization: the loss is ``pl_module.loss(batch)`` (no optimizer step)."""
+
+    def loss_fn(self, pl_module: LightningModule, batch: Any) -> Tensor:
+        return pl_module.loss(batch)  # type: ignore[operator]
+
+
+def dense_curvature(model: SparseEmbedding, batch: tuple[Tensor, Tensor]) -> dict[str, float]:
+    """The exact float64 Hessian of :class:`SparseEmbedding`'s loss (dense lookup): λ_max, trace, batch sharpness."""
+    x, y = batch
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+
+    def loss(v: Tensor) -> Tensor:
+        pieces, offset = [], 0
+        for shape in shapes:
+            pieces.append(v[offset : offset + shape.numel()].view(shape))
+            offset += shape.numel()
+        table, weight, bias = pieces
+        out = torch.tanh(table[x]) @ weight.T + bias
+        return nn.functional.mse_loss(out.squeeze(-1), y.double())
+
+    h = torch.autograd.functional.hessian(loss, flat)
+    g = torch.autograd.functional.jacobian(loss, flat)
+    return {
+        "lambda_max": float(torch.linalg.eigvalsh(h)[-1]),
+        "trace": float(h.trace()),
+        "batch_sharpness": float(g @ h @ g / (g @ g)),
+    }
+
+
+class DenseCurvature(Callback):
+    """Records :func:`dense_curvature` of the batch after each batch, by the last optimizer step (list it after the
+    SharpnessCallback)."""
+
+    def __init__(self) -> None:
+        self.exact: dict[int, dict[str, float]] = {}
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.exact[trainer.global_step - 1] = dense_curvature(pl_module, batch)  # type: ignore[arg-type]
+
+
+class LinearLoss(LinearRegression):
+    """A loss linear in the weights, ``mean(x w + b − y)``: its Hessian is zero."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return (self(x) - y).mean()

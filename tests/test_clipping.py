@@ -1,15 +1,22 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
 
 from lightning_gradflow.clipping import (
+    MAX_PERCENTILE_WINDOW,
+    MAX_WARMUP_STEPS,
+    AutoClipConfig,
     PercentileClipper,
+    ZClipConfig,
     ZScoreClipper,
     agc_clip_,
     clip_coefficient,
+    max_norm_threshold,
+    scale_grads_,
     unitwise_norm,
 )
 
@@ -136,3 +143,114 @@ def test_agc_clips_units_relative_to_their_weights() -> None:
     zero_w, big_g = torch.zeros(3), torch.ones(3)  # a zero-initialised bias still moves: eps floor
     agc_clip_([zero_w], [big_g], clip_factor=0.01, eps=1e-3)
     torch.testing.assert_close(big_g.norm(), torch.tensor(1e-5), rtol=1e-4, atol=0)
+
+
+# ----------------------------------------------------------------------------------- sparse and complex gradients
+
+
+def _sparse_grad(vocab: int = 12, dim: int = 3, tokens: tuple[int, ...] = (1, 1, 4, 9, 1)) -> torch.Tensor:
+    embedding = torch.nn.Embedding(vocab, dim, sparse=True)
+    (embedding(torch.tensor(tokens)) * torch.arange(1.0, dim + 1)).sum().backward()
+    grad = embedding.weight.grad
+    assert grad is not None and grad.layout == torch.sparse_coo and not grad.is_coalesced()
+    return grad
+
+
+def test_scale_grads_scales_dense_sparse_and_complex_gradients_in_place() -> None:
+    sparse = _sparse_grad()
+    compressed = torch.tensor([[0.0, 2.0], [4.0, 0.0]]).to_sparse_csr()
+    dense, complex_ = torch.tensor([1.0, -2.0]), torch.tensor([1 + 1j, 2j])
+    expected = [t.to_dense() * 0.5 if t.layout != torch.strided else t * 0.5 for t in [sparse, compressed]]
+    scale_grads_([dense, sparse, compressed, complex_], torch.tensor(0.5))  # _foreach_mul_ alone refuses sparse
+    torch.testing.assert_close(dense, torch.tensor([0.5, -1.0]))
+    torch.testing.assert_close(sparse.to_dense(), expected[0])
+    torch.testing.assert_close(compressed.to_dense(), expected[1])
+    torch.testing.assert_close(complex_, torch.tensor([0.5 + 0.5j, 1j]))
+
+
+@pytest.mark.parametrize("coalesced", [False, True])
+def test_agc_on_a_sparse_gradient_is_exactly_agc_on_its_dense_equivalent(coalesced: bool) -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(12, 3)
+    weight[4] = 0.0  # a zero unit: the eps floor
+    sparse = _sparse_grad()
+    sparse = sparse.coalesce() if coalesced else sparse
+    dense = sparse.to_dense()
+    fraction_sparse = agc_clip_([weight], [sparse], clip_factor=0.05, eps=1e-3)
+    fraction_dense = agc_clip_([weight], [dense], clip_factor=0.05, eps=1e-3)
+    torch.testing.assert_close(sparse.to_dense(), dense, rtol=1e-6, atol=1e-9)
+    assert float(fraction_sparse) == float(fraction_dense) > 0  # units that got no gradient count, unclipped
+    assert sparse.layout == torch.sparse_coo  # still sparse, clipped in place
+
+
+def test_agc_on_complex_gradients_uses_magnitudes() -> None:
+    weight = torch.tensor([[3 + 4j, 0j], [1j, 0j]])  # unit norms 5 and 1
+    grad = torch.tensor([[10j, 0j], [0.001 + 0j, 0j]])
+    agc_clip_([weight], [grad], clip_factor=0.1, eps=1e-3)
+    torch.testing.assert_close(grad, torch.tensor([[0.5j, 0j], [0.001 + 0j, 0j]]))
+
+
+# ------------------------------------------------------------------------- settings, rollback, corrupt states
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: ZClipConfig(warmup_steps=MAX_WARMUP_STEPS + 1), f"`warmup_steps` <= {MAX_WARMUP_STEPS}"),
+        (lambda: AutoClipConfig(percentile_window=10**10), f"`percentile_window` <= {MAX_PERCENTILE_WINDOW}"),
+        (lambda: ZClipConfig(ema_alpha=math.nan), "`ema_alpha` in"),
+        (lambda: ZClipConfig(z_threshold=10**400), "`z_threshold` to be a finite number"),
+        (lambda: ZScoreClipper(warmup_steps=0), "`warmup_steps` > 0"),
+        (lambda: PercentileClipper(window=-1), "`percentile_window` > 0"),
+        (lambda: ZScoreClipper(max_norm=-1.0), "`max_norm`"),
+    ],
+)
+def test_settings_are_validated_where_they_are_declared(make: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_a_huge_z_threshold_or_cap_never_overflows() -> None:
+    clipper = ZScoreClipper(z_threshold=1e300, warmup_steps=2, max_norm=1e300)
+    thresholds = [float(clipper(torch.tensor(g))) for g in [1.0, 1.1, 50.0, float("nan")]]
+    assert thresholds[2] == 50.0  # never clipped after the warm-up
+    assert all(not math.isnan(t) for t in thresholds)
+    assert float(max_norm_threshold(1e300) or 0) == float(torch.finfo(torch.float32).max)
+
+
+@pytest.mark.parametrize("make", [lambda: ZScoreClipper(warmup_steps=3), lambda: PercentileClipper(10.0, window=4)])
+def test_rollback_state_restores_the_statistics_and_can_be_restored_twice(make: Any) -> None:
+    clipper = make()
+    for g in [1.0, 2.0, 1.5, 1.2]:
+        clipper(torch.tensor(g))
+    saved, then = clipper.rollback_state(), clipper.state_dict()
+    for g in [9.0, 0.1, 4.0]:
+        clipper(torch.tensor(g))
+    assert clipper.state_dict() != then
+    for _ in range(2):
+        clipper.restore_rollback_state(saved)
+        assert clipper.state_dict() == then
+        clipper(torch.tensor(7.0))  # moves on from the restored statistics, without touching the saved copy
+
+
+@pytest.mark.parametrize(
+    ("make", "change"),
+    [
+        (lambda: ZScoreClipper(warmup_steps=3), {"mean": math.nan}),
+        (lambda: ZScoreClipper(warmup_steps=3), {"var": -1.0}),
+        (lambda: ZScoreClipper(warmup_steps=3), {"count": 7.0}),
+        (lambda: ZScoreClipper(warmup_steps=3), {"warmup": [1.0, 2.0]}),
+        (lambda: ZScoreClipper(warmup_steps=3), {"steps": -1}),
+        (lambda: PercentileClipper(window=4), {"history": [1.0] * 5}),
+        (lambda: PercentileClipper(window=4), {"history": [-1.0] * 4}),
+    ],
+)
+def test_corrupt_clipper_states_are_refused_and_change_nothing(make: Any, change: dict[str, Any]) -> None:
+    clipper = make()
+    for g in [1.0, 2.0, 1.5, 1.2]:
+        clipper(torch.tensor(g))
+    state = {**clipper.state_dict(), **change}
+    before = clipper.state_dict()
+    with pytest.raises(ValueError, match=r"ZClip|AutoClip|`steps`"):
+        clipper.load_state_dict(state)
+    assert clipper.state_dict() == before

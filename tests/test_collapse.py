@@ -10,12 +10,20 @@ import torch
 from torch import nn
 
 from lightning_gradflow.collapse import (
+    GRAD_WEIGHT,
+    REPRESENTATION_WEIGHT,
+    CollapseMonitor,
+    CollapseStopReason,
     DivergenceDetector,
     EmaZScore,
     FeatureBuffer,
+    InterventionLadder,
+    LadderConfig,
+    MonitorConfig,
     RobustZScore,
     Snapshot,
     SnapshotRing,
+    StepVerdict,
     combine_risk,
     copy_tree,
     dead_fraction,
@@ -279,3 +287,208 @@ def test_snapshot_ring() -> None:
     assert ring.latest().step == 3  # type: ignore[union-attr]
     ring.clear()
     assert len(ring) == 0
+
+
+def test_snapshot_of_sparse_and_complex_state_round_trips() -> None:
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = torch.optim.SparseAdam(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2, 2])).sum().backward()
+    opt.step()
+    w = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    copt = torch.optim.Adam([w], lr=0.1)
+    (w.abs() ** 2).sum().backward()
+    copt.step()
+    holder = nn.Module()
+    holder.emb, holder.w = emb, w  # type: ignore[assignment]
+    before = [copy_tree(holder.state_dict()), copy_tree(opt.state_dict()), copy_tree(copt.state_dict())]
+    snap = take_snapshot(1, holder, [opt, copt])
+    emb(torch.tensor([3])).sum().backward()
+    opt.step()
+    (w.abs() ** 2).sum().backward()
+    copt.step()
+    restore_snapshot(snap, holder, [opt, copt])
+    assert _equal([holder.state_dict(), opt.state_dict(), copt.state_dict()], before)
+    assert w.dtype == torch.complex64
+
+
+# ------------------------------------------------------------------------------------------ the collapse monitor
+
+
+def _warm(monitor: CollapseMonitor, steps: int = 30, start: int = 0) -> None:
+    for step in range(start, start + steps):
+        monitor.observe(step, loss=1.0 + 0.02 * (step % 5), grad_norm=2.0 + 0.04 * (step % 3))
+
+
+def test_monitor_scores_a_loss_spike_as_an_alarm_and_keeps_it_out_of_the_window() -> None:
+    monitor = CollapseMonitor(MonitorConfig(min_history=10))
+    _warm(monitor)
+    window = list(monitor.loss_detector.values)  # type: ignore[union-attr]
+    spike = monitor.observe(30, loss=40.0, grad_norm=60.0)
+    assert spike.alarm and spike.opens_episode and not spike.calm and spike.risk == 1.0
+    assert list(monitor.loss_detector.values) == window  # type: ignore[union-attr]
+    again = monitor.observe(31, loss=40.0, grad_norm=60.0)
+    assert again.alarm and not again.opens_episode  # one warning per episode
+    calm = monitor.observe(32, loss=1.0, grad_norm=2.0)
+    assert calm.calm and not monitor.episode
+
+
+def test_monitor_a_gradient_spike_alone_warns_but_is_no_alarm() -> None:
+    monitor = CollapseMonitor(MonitorConfig(min_history=10))
+    _warm(monitor)
+    v = monitor.observe(30, loss=1.0, grad_norm=200.0)
+    assert v.risk == pytest.approx(GRAD_WEIGHT) and not v.alarm and v.opens_episode and not v.calm
+    assert InterventionLadder().decide(v) == []  # nothing for the ladder to do: no "would" record either
+
+
+def test_monitor_a_standing_representation_finding_neither_opens_nor_holds_an_episode() -> None:
+    monitor = CollapseMonitor(MonitorConfig(min_history=10))
+    messages = monitor.score_representations(0, {("dead_fraction", "act1"): 0.6})
+    assert messages and "60% of the units of 'act1' are dead" in messages[0]
+    assert monitor.score_representations(5, {("dead_fraction", "act1"): 0.6}) == []  # warned once
+    assert monitor.repr_score == REPRESENTATION_WEIGHT
+    v = monitor.observe(0, loss=1.0, grad_norm=1.0)
+    assert v.risk == pytest.approx(REPRESENTATION_WEIGHT) and not v.opens_episode and v.calm
+    nan = monitor.observe(1, loss=math.nan, grad_norm=1.0)
+    assert nan.nonfinite and nan.opens_episode
+    assert monitor.observe(2, loss=1.0, grad_norm=1.0).calm and not monitor.episode  # closed despite the finding
+
+
+def test_monitor_fp16_overflow_steps_are_counted_not_judged() -> None:
+    monitor = CollapseMonitor(MonitorConfig(min_history=10, overflow_patience=2))
+    _warm(monitor)
+    for step in (30, 31):
+        v = monitor.observe(step, loss=1.0, grad_norm=math.inf, scaler_active=True)
+        assert v.overflow and not v.alarm and not v.nonfinite
+    assert monitor.observe(32, loss=1.0, grad_norm=math.inf, scaler_active=True).nonfinite  # patience exhausted
+    assert monitor.overflow_steps == 2
+
+
+def test_monitor_state_round_trips_and_refuses_another_detector_or_nonsense() -> None:
+    monitor = CollapseMonitor(MonitorConfig(min_history=10))
+    _warm(monitor)
+    state = monitor.state_dict()
+    fresh = CollapseMonitor(MonitorConfig(min_history=10))
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+    assert fresh.observe(30, 1.5, 2.0) == monitor.observe(30, 1.5, 2.0)
+    with pytest.raises(ValueError, match="spike_detector='mad'"):
+        CollapseMonitor(MonitorConfig(spike_detector="ema")).load_state_dict(state)
+    for key, value in [("overflow_steps", -3), ("repr_score", math.nan), ("episode", "yes")]:
+        with pytest.raises((ValueError, TypeError), match=key):
+            CollapseMonitor().load_state_dict({**state, key: value})
+
+
+def test_monitor_rewind_returns_the_detectors_and_closes_the_episode() -> None:
+    monitor = CollapseMonitor(MonitorConfig(min_history=10))
+    _warm(monitor)
+    saved = monitor.state_dict()
+    monitor.observe(30, loss=math.nan, grad_norm=2.0)
+    _warm(monitor, 10, start=31)
+    monitor.observe(41, loss=40.0, grad_norm=60.0)
+    assert monitor.episode
+    monitor.rewind(saved)
+    assert monitor.state_dict()["loss"] == saved["loss"] and not monitor.episode
+
+
+def test_the_defaults_are_declared_once() -> None:
+    import inspect
+
+    from lightning_gradflow import EarlyCollapseCallback
+
+    signature = inspect.signature(EarlyCollapseCallback.__init__).parameters
+    for config in (MonitorConfig(), LadderConfig()):
+        for name, value in vars(config).items():
+            assert signature[name].default == value, name
+    assert RobustZScore().min_scale == EmaZScore().min_scale == MonitorConfig().min_scale
+
+
+# -------------------------------------------------------------------------------------- the intervention ladder
+
+
+def _alarm(step: int, nonfinite: bool = False) -> StepVerdict:
+    loss = math.nan if nonfinite else 50.0
+    return StepVerdict(step, loss, 9.0, risk=1.0, nonfinite=nonfinite, alarm=True, reasons=("loss z-score 20",))
+
+
+def _calm(step: int) -> StepVerdict:
+    return StepVerdict(step, 1.0, 1.0, calm=True)
+
+
+def test_ladder_skip_cut_rollback_stop() -> None:
+    ladder = InterventionLadder(LadderConfig(max_rollbacks=1))
+    ladder.keep(0, "snapshot 0")
+    assert [a.kind for a in ladder.decide(_alarm(5))] == ["lr_scale"]
+    (rollback,) = ladder.decide(_alarm(6))
+    assert (rollback.kind, rollback.after, rollback.snapshot) == ("rollback", 0, "snapshot 0")
+    assert ladder.lr_scale == 1.0 and ladder.rollbacks == 1 and not ladder.may_snapshot()
+    ladder.decide(_alarm(7))
+    kinds = [a.kind for a in ladder.decide(_alarm(8))]  # rollback due, budget spent
+    assert kinds == ["stop"] and ladder.stopped_reason is CollapseStopReason.MAX_ROLLBACKS
+    (skip,) = ladder.decide(_calm(9))  # stopped: every further step is skipped, silently
+    assert skip.drops_gradients and not skip.recorded
+
+
+def test_ladder_an_isolated_skipped_nonfinite_batch_cuts_nothing() -> None:
+    ladder = InterventionLadder(LadderConfig(rollback=False))
+    assert [a.kind for a in ladder.decide(_alarm(3, nonfinite=True))] == ["skip_step"]
+    ladder.decide(_calm(4))
+    assert [a.kind for a in ladder.decide(_alarm(5, nonfinite=True))] == ["skip_step"]
+    assert [a.kind for a in ladder.decide(_alarm(6, nonfinite=True))] == ["skip_step", "lr_scale"]  # not isolated
+    assert ladder.lr_scale == 0.5 and ladder.skipped_steps == 3
+
+
+def test_ladder_lr_cuts_have_a_floor_and_recover_when_calm() -> None:
+    config = LadderConfig(rollback=False, stop_on_failure=False, min_lr_factor=0.1, lr_recovery_steps=20)
+    ladder = InterventionLadder(config)
+    scales = []
+    for step in range(2000):
+        spike = step < 1200 and step % 10 == 0  # a spike every 10 steps: cuts come faster than recoveries
+        ladder.decide(_alarm(step) if spike else _calm(step))
+        scales.append(ladder.lr_scale)
+    assert min(scales) == pytest.approx(0.1) and min(scales) >= 0.1
+    assert scales[1199] == pytest.approx(0.1) and scales[-1] == 1.0  # at the floor, then all the way back
+
+
+def test_ladder_goes_one_snapshot_further_back_when_the_newest_led_straight_back() -> None:
+    ladder = InterventionLadder(LadderConfig(rollback_patience=1, num_snapshots=3))
+    for step in (10, 20):
+        ladder.keep(step, step)
+    assert ladder.decide(_alarm(25))[0].snapshot == 20
+    assert ladder.decide(_alarm(26))[0].snapshot == 10  # no new snapshot since: 20 is dropped
+    assert ladder.snapshot_steps() == [10]
+
+
+def test_ladder_snapshots_continue_after_calm_steps() -> None:
+    ladder = InterventionLadder()
+    ladder.decide(_alarm(3, nonfinite=True))
+    assert not ladder.may_snapshot()
+    ladder.decide(StepVerdict(4, 1.0, 1.0, risk=0.4, calm=True))
+    assert ladder.may_snapshot()
+
+
+def test_ladder_dry_run_decides_the_same_then_waits_for_the_run_to_settle() -> None:
+    acting, dry = InterventionLadder(), InterventionLadder(dry_run=True)
+    for ladder in (acting, dry):
+        ladder.keep(0)
+    steps = [_alarm(5), _alarm(6), _alarm(7, nonfinite=True), _alarm(8)]
+    decided = {id(lad): [[a.kind for a in lad.decide(v)] for v in steps] for lad in (acting, dry)}
+    assert decided[id(acting)][:2] == decided[id(dry)][:2] == [["lr_scale"], ["rollback"]]
+    assert decided[id(dry)][2:] == [[], []]  # after the would-be rollback, auto mode would be elsewhere
+    assert dry.stopped_reason is CollapseStopReason.NOT_STOPPED
+    dry.decide(_calm(9))
+    assert [a.kind for a in dry.decide(_alarm(10))] == ["lr_scale"]
+
+
+def test_ladder_state_round_trips_and_refuses_nonsense() -> None:
+    ladder = InterventionLadder()
+    ladder.decide(_alarm(1))
+    state = ladder.state_dict()
+    fresh = InterventionLadder()
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state and fresh.lr_scale == 0.5
+    for key, value in [("lr_scale", math.nan), ("lr_scale", -5.0), ("strikes", -1), ("stopped_reason", "BAD")]:
+        with pytest.raises((ValueError, TypeError, KeyError)):
+            InterventionLadder().load_state_dict({**state, key: value})
+    watched = InterventionLadder(dry_run=True)
+    watched.load_state_dict(state)  # what an acting ladder applied means nothing to a dry run
+    assert watched.lr_scale == 1.0

@@ -8,14 +8,21 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradflow.curvature import (
+    METRICS,
     HessianVectorProduct,
+    ProbePlan,
     SharpnessClass,
+    StabilityController,
+    WarmStart,
+    _direction,
+    _perturbed,
     batch_sharpness,
     fixed_dropout,
     hessian_eigenvalues,
     hessian_trace,
     isolated,
     lanczos,
+    preconditioned_batch_sharpness,
     random_sharpness,
     sam_sharpness,
 )
@@ -365,3 +372,156 @@ def test_finite_differences_on_a_model_with_a_large_norm_embedding(seed: int) ->
     exact = HessianVectorProduct(loss_fn, params, "double_backward")(v)
     fd = HessianVectorProduct(loss_fn, params, "finite_difference")(v)
     assert float((fd - exact).norm() / exact.norm()) < 5e-3
+
+
+# ---------------------------------------------------------------------- the stability controller (no Trainer)
+
+
+def test_controller_cuts_after_patience_and_holds_the_floor() -> None:
+    controller = StabilityController(margin=1.1, patience=2, lr_factor=0.5, min_lr_factor=0.2)
+    decisions = []
+    for ratio in (1.5, math.nan, 1.5, 1.0, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5):  # NaN is not counted, 1.0 breaks the streak
+        decision = controller.observe(ratio)
+        if decision is not None and not decision.at_floor:
+            controller.applied(decision.factor)
+        decisions.append(None if decision is None else (decision.factor, decision.at_floor))
+    assert decisions == [None, None, (0.5, False), None, None, (0.5, False), None, (0.8, False), None, (1.0, True)]
+    assert controller.cumulative_factor == pytest.approx(0.2)  # 0.5 · 0.5 · 0.8: the floor, never below
+
+
+def test_controller_raises_back_to_the_original_and_never_above() -> None:
+    controller = StabilityController(patience=1, lr_factor=0.2, allow_increase=True, increase_below=0.5)
+    factors = []
+    for ratio in (1.5, 0.3, 0.3, 1.5, 0.3):
+        decision = controller.observe(ratio)
+        if decision is not None:
+            controller.applied(decision.factor)
+        factors.append(controller.cumulative_factor)
+    assert factors == pytest.approx([0.2, 1.0, 1.0, 0.2, 1.0])  # the calm probe at factor 1 does nothing
+
+
+def test_controller_waits_while_the_rule_is_not_settled() -> None:
+    controller = StabilityController(patience=1)
+    assert controller.observe(5.0, settled=False) is None
+    assert controller.high_streak == 0
+    decision = controller.observe(5.0, detail="lambda_max 10 vs threshold 2")
+    assert decision is not None and decision.finding == "unstable"
+    assert decision.reason == "stability ratio 5 > margin 1.1 for 1 probe(s): lambda_max 10 vs threshold 2"
+
+
+def test_controller_state_round_trip_and_validation() -> None:
+    controller = StabilityController(patience=3)
+    controller.observe(2.0)
+    controller.applied(0.25)
+    restored = StabilityController(patience=3)
+    restored.load_state_dict(controller.state_dict())
+    assert restored.state_dict() == {"cumulative_factor": 0.25, "high_streak": 1, "low_streak": 0}
+    for bad in ({"cumulative_factor": math.nan}, {"cumulative_factor": -5.0}, {"high_streak": -1}):
+        state = {**controller.state_dict(), **bad}
+        with pytest.raises(ValueError, match=f"`{next(iter(bad))}`"):
+            restored.load_state_dict(state)
+    with pytest.raises(TypeError, match="`low_streak`"):
+        restored.load_state_dict({**controller.state_dict(), "low_streak": "1"})
+    with pytest.raises(KeyError):
+        restored.load_state_dict({"cumulative_factor": 1.0})
+    assert restored.cumulative_factor == 0.25  # a refused state changes nothing
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"margin": 0.0}, ValueError),
+        ({"margin": math.inf}, ValueError),
+        ({"margin": "1"}, TypeError),
+        ({"patience": 0}, ValueError),
+        ({"patience": 1.0}, TypeError),
+        ({"lr_factor": 1.0}, ValueError),
+        ({"allow_increase": 1}, TypeError),
+        ({"increase_below": 1.2}, ValueError),
+        ({"min_lr_factor": math.nan}, ValueError),
+    ],
+)
+def test_controller_refuses_bad_settings_naming_them(kwargs: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error, match=f"`{next(iter(kwargs))}`"):
+        StabilityController(**kwargs)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------- one batch sharpness
+
+
+def test_batch_sharpness_is_one_definition_with_and_without_a_preconditioner() -> None:
+    torch.manual_seed(0)
+    model, loss_fn = problem(mlp, 0, False)
+    params = list(model.parameters())
+    ones = [torch.ones_like(p) for p in params]
+    plain = batch_sharpness(loss_fn, params)
+    assert batch_sharpness(loss_fn, params, preconditioner=ones) == pytest.approx(plain, rel=1e-12)
+    diagonal = [torch.rand_like(p) + 0.5 for p in params]
+    assert preconditioned_batch_sharpness(loss_fn, params, diagonal) == batch_sharpness(
+        loss_fn, params, preconditioner=diagonal
+    )
+
+
+def test_random_sharpness_draws_directions_one_at_a_time_with_the_same_result() -> None:
+    """The directions are drawn in the same order as when they were all kept: the same numbers, O(1) copies."""
+    torch.manual_seed(0)
+    model, loss_fn = problem(mlp, 0, False)
+    params = list(model.parameters())
+    found = random_sharpness(loss_fn, params, (0.01, 0.1), 3, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    directions = [_direction(params, True, gen) for _ in range(3)]
+    with torch.no_grad():
+        base = float(loss_fn())
+        for scale in (0.01, 0.1):
+            total = 0.0
+            for d in directions:
+                with _perturbed(params, d, scale):
+                    total += float(loss_fn()) - base
+            assert found.increases[scale] == total / 3
+
+
+def test_probe_plan_keys_match_what_it_measures() -> None:
+    w = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64, requires_grad=True)
+
+    def loss() -> Tensor:
+        return (w**2 * torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64)).sum() + w.prod()
+
+    for quantity in ("lambda_max", "batch_sharpness"):
+        for preconditioned in (False, True):
+            plan = ProbePlan(METRICS, quantity, preconditioned, random_scales=(0.1,), random_directions=1)  # type: ignore[arg-type]
+            diagonal = ([w], [torch.full((3,), 2.0, dtype=torch.float64)]) if preconditioned else None
+            values = plan.measure(loss, [w], seed=0, preconditioner=diagonal, warm=WarmStart())
+            assert list(values) == plan.keys(), (quantity, preconditioned)
+            assert all(math.isfinite(v) for v in values.values())
+            if preconditioned:  # P = 2 I: the preconditioned quantity is half the plain one
+                plain = values["lambda_max"] if quantity == "lambda_max" else values["batch_sharpness"]
+                assert values[f"preconditioned_{quantity}"] == pytest.approx(plain / 2, rel=1e-6)
+
+
+def test_sparse_gradients_are_made_dense_exactly() -> None:
+    torch.manual_seed(0)
+    table = nn.Embedding(6, 3, sparse=True).double()
+    dense = nn.Embedding(6, 3).double()
+    dense.load_state_dict(table.state_dict())
+    ids = torch.tensor([0, 2, 2, 5])
+
+    def loss(module: nn.Embedding) -> Callable[[], Tensor]:
+        return lambda: torch.tanh(module(ids)).pow(3).sum()
+
+    for method in ("double_backward", "finite_difference"):
+        v = torch.randn(18, dtype=torch.float64)
+        got = HessianVectorProduct(loss(table), list(table.parameters()), method)(v)  # type: ignore[arg-type]
+        want = HessianVectorProduct(loss(dense), list(dense.parameters()), method)(v)  # type: ignore[arg-type]
+        torch.testing.assert_close(got, want)
+    assert batch_sharpness(loss(table), list(table.parameters())) == pytest.approx(
+        batch_sharpness(loss(dense), list(dense.parameters())), rel=1e-12
+    )
+    assert sam_sharpness(loss(table), list(table.parameters())) == sam_sharpness(loss(dense), list(dense.parameters()))
+
+
+def test_a_linear_loss_has_zero_curvature_and_a_detached_one_is_refused() -> None:
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    assert float(hessian_eigenvalues(lambda: 3 * w.sum(), [w], which="both").abs().max()) == 0.0
+    assert batch_sharpness(lambda: 3 * w.sum(), [w]) == 0.0
+    with pytest.raises(ValueError, match="no grad_fn"):
+        batch_sharpness(lambda: w.sum().detach(), [w])

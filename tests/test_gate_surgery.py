@@ -69,7 +69,8 @@ def _gate_warnings(record: list[warnings.WarningMessage]) -> list[str]:
         ({"every_n_steps": 0}, ValueError, "`every_n_steps` > 0, but got 0"),
         ({"every_n_steps": 2.5}, TypeError, "`every_n_steps` to be an int"),
         ({"probe_size": -1}, ValueError, "`probe_size` > 0"),
-        ({"epsilon": 0.5}, ValueError, r"`epsilon` in \(0, 0.5\), but got 0.5"),
+        ({"epsilon": 0.5}, ValueError, r"`epsilon` in \[1e-06, 0.5\), but got 0.5"),
+        ({"epsilon": 1e-17}, ValueError, r"`epsilon` in \[1e-06, 0.5\), but got 1e-17"),
         ({"epsilon": "small"}, TypeError, "`epsilon` to be a float"),
         ({"unit_threshold": 1.5}, ValueError, r"`unit_threshold` in \(0, 1\], but got 1.5"),
         ({"saturation_threshold": 1.0}, ValueError, r"`saturation_threshold` in \[0, 1\), but got 1.0"),
@@ -77,7 +78,8 @@ def _gate_warnings(record: list[warnings.WarningMessage]) -> list[str]:
         ({"cooldown": -1}, ValueError, "`cooldown` >= 0"),
         ({"max_surgeries": True}, TypeError, "`max_surgeries` to be an int"),
         ({"target_std": 0.0}, ValueError, "`target_std` to be a finite number > 0"),
-        ({"forget_bias": float("nan")}, TypeError, "`forget_bias` to be a finite float"),
+        ({"forget_bias": float("nan")}, ValueError, r"`forget_bias` to be a finite float in \[-10, 10\]"),
+        ({"forget_bias": "one"}, TypeError, "`forget_bias` to be a float"),
         ({"extra_gates": {"proj": "relu"}}, ValueError, r"`extra_gates\['proj'\]` to be one of"),
         ({"extra_gates": ["proj"]}, TypeError, "`extra_gates` to be a dict"),
         ({"exclude": "rnn"}, TypeError, "`exclude` to be a list of str"),
@@ -364,6 +366,27 @@ def test_cooldown_and_max_surgeries() -> None:
     messages = _gate_warnings(record)
     assert sum("max_surgeries=3" in m for m in messages) == 1
     assert sum("Surgery on those units" in m for m in messages) == 1  # one warning per finding
+
+
+def test_max_surgeries_counts_the_surgeries_decided_on_the_same_probe() -> None:
+    callback = GateSurgeryCallback(every_n_steps=1, patience=1, max_surgeries=1, auto_intervene=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _fit(_saturated(), callback, steps=2)
+    assert [(i.step, i.target) for i in callback.interventions] == [(0, "rnn/l0/input")]
+    assert callback.surgeries == 1
+    assert sum("`max_surgeries=1` surgeries are in effect" in m for m in _gate_warnings(record)) == 1
+
+
+def test_a_second_fit_of_the_same_instance_starts_a_new_diagnosis() -> None:
+    callback = GateSurgeryCallback(every_n_steps=1, patience=1, cooldown=100, auto_intervene=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _fit(_saturated(), callback, steps=1)
+        _fit(_saturated(seed=1), callback, steps=1)  # another model: the first one's cooldowns do not apply
+    targets = ["rnn/l0/input", "rnn/l0/output"]
+    assert [(i.step, i.target, i.applied) for i in callback.interventions] == [(0, t, True) for t in targets] * 2
+    assert callback.surgeries == 2  # in effect on the model of this fit
 
 
 def test_repair_gates_limits_surgery_and_reports_the_rest() -> None:

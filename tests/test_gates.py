@@ -18,7 +18,9 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from lightning_gradflow.gates import (
     GateCapture,
+    GateDiagnosis,
     GatedModule,
+    GateObservation,
     GateStats,
     LayerGates,
     _sorted_histograms,
@@ -26,6 +28,7 @@ from lightning_gradflow.gates import (
     capture_call,
     find_gated_modules,
     gate_counts,
+    gate_observations,
     healthy_bias,
     histogram_raw,
     measure_gates,
@@ -658,3 +661,109 @@ def test_epsilon_boundary_values() -> None:
 def test_gated_module_properties() -> None:
     gm = GatedModule("x", nn.LSTM(2, 3, num_layers=3, bidirectional=True), "lstm", units=3)
     assert gm.num_rows == 6 and gm.tanh_mask == [False, False, True, False]
+
+
+# ------------------------------------------------------------------------------------------ surgery refusals
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"forget_bias": 1e300}, r"`forget_bias` to be a finite float in \[-10, 10\]"),
+        ({"forget_bias": math.nan}, "`forget_bias`"),
+        ({"target_std": math.inf}, "`target_std` to be a finite number > 0"),
+        ({"target_std": 0.0}, "`target_std`"),
+    ],
+)
+def test_repair_refuses_values_that_would_break_the_weights(kwargs: dict[str, Any], match: str) -> None:
+    lstm = nn.LSTM(3, 4)
+    (gated,) = find_gated_modules(nn.ModuleDict({"rnn": lstm}))
+    before = {k: v.clone() for k, v in lstm.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        repair_gate_units_(gated, 0, "forget", torch.tensor([0]), torch.tensor([2.0]), **kwargs)
+    assert all(torch.equal(v, before[k]) for k, v in lstm.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------ diagnosis
+
+
+def _obs(key: str = "rnn/l0/input", saturation: float = 0.9, units: tuple[int, ...] = (1,), **kw: Any) -> Any:
+    return GateObservation(key, key.rsplit("/", 1)[-1], saturation, units, (0.5,) * len(units), **kw)
+
+
+def _verdicts(diagnosis: GateDiagnosis, step: int, *observations: Any) -> list[str]:
+    return [d.verdict.value for d in diagnosis.update(step, observations)]
+
+
+def test_diagnosis_patience_and_a_healthy_probe_resets_the_streak() -> None:
+    diagnosis = GateDiagnosis(patience=3, auto_intervene=True)
+    assert _verdicts(diagnosis, 0, _obs()) == ["flagged"]
+    assert _verdicts(diagnosis, 1, _obs()) == ["flagged"]
+    assert _verdicts(diagnosis, 2, _obs(saturation=0.1)) == ["healthy"]  # below saturation_threshold
+    assert _verdicts(diagnosis, 3, _obs(units=())) == ["healthy"]  # no saturated unit
+    assert [_verdicts(diagnosis, s, _obs()) for s in (4, 5, 6)] == [["flagged"], ["flagged"], ["repair"]]
+    assert diagnosis.streaks == {"rnn/l0/input": 3}
+
+
+def test_diagnosis_verdict_order_report_monitor_cooldown_budget() -> None:
+    only_output = GateDiagnosis(patience=1, auto_intervene=True, repair_gates=["output"])
+    assert _verdicts(only_output, 0, _obs(), _obs("rnn/l0/output", repairable=False)) == ["report_only"] * 2
+    assert _verdicts(GateDiagnosis(patience=1, auto_intervene=False), 0, _obs()) == ["monitor"]
+    diagnosis = GateDiagnosis(patience=1, cooldown=5, max_surgeries=3, auto_intervene=True)
+    gates = [_obs(f"rnn/l0/{g}") for g in ("input", "forget", "output", "cell")]
+    assert _verdicts(diagnosis, 0, *gates) == ["repair", "repair", "repair", "budget"]  # decided ones count
+    for key in ("rnn/l0/input", "rnn/l0/forget"):
+        diagnosis.repaired(0, key)
+    assert _verdicts(diagnosis, 4, *gates) == ["cooldown", "cooldown", "repair", "budget"]
+    diagnosis.repaired(4, "rnn/l0/output")
+    assert _verdicts(diagnosis, 5, *gates) == ["budget", "budget", "cooldown", "budget"]
+    assert diagnosis.surgeries == 3 and diagnosis.last_surgery == {
+        "rnn/l0/input": 0,
+        "rnn/l0/forget": 0,
+        "rnn/l0/output": 4,
+    }
+
+
+def test_diagnosis_rollback_undoes_surgeries_redoes_once_then_gives_up() -> None:
+    diagnosis = GateDiagnosis(patience=1, cooldown=100, auto_intervene=True)
+    start = diagnosis.rollback_state()
+    for round_, step in enumerate((0, 10)):
+        assert _verdicts(diagnosis, step, _obs()) == ["repair"]  # the cooldown of an undone surgery is gone
+        diagnosis.repaired(step, "rnn/l0/input")
+        assert diagnosis.surgeries == 1
+        assert diagnosis.restore(start) == [(step, "rnn/l0/input")]
+        assert diagnosis.surgeries == 0 and diagnosis.undone == {"rnn/l0/input": round_ + 1}
+    assert _verdicts(diagnosis, 20, _obs()) == ["given_up"]
+    assert diagnosis.restore(diagnosis.rollback_state()) == []  # a rollback after the last surgery undoes nothing
+
+
+def test_diagnosis_state_dict_round_trip_and_validation() -> None:
+    diagnosis = GateDiagnosis(patience=1, auto_intervene=True)
+    diagnosis.update(0, [_obs(), _obs("rnn/l0/output")])
+    diagnosis.repaired(0, "rnn/l0/input")
+    diagnosis.restore({"streaks": {}, "last_surgery": {}, "applied": []})
+    diagnosis.update(3, [_obs()])
+    diagnosis.repaired(3, "rnn/l0/input")
+    state = diagnosis.state_dict()
+    restored = GateDiagnosis(patience=1, auto_intervene=True)
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state and restored.undone == {"rnn/l0/input": 1} and restored.surgeries == 1
+    for bad in ({"streaks": {"k": True}}, {"applied": [[-1, "k"]]}, {"surgeries": 7}, {"undone": []}):
+        with pytest.raises((TypeError, ValueError)):
+            GateDiagnosis().load_state_dict({**state, **bad})
+
+
+def test_gate_observations_read_every_gate_of_every_row() -> None:
+    lstm = nn.LSTM(3, 4, bidirectional=True, batch_first=True)
+    with torch.no_grad():
+        lstm.bias_ih_l0[:4] = -30.0  # forward direction: input gate shut
+    (gated,) = find_gated_modules(nn.ModuleDict({"rnn": lstm}))
+    x = torch.randn(2, 5, 3)
+    stats = measure_gates(gated, [capture_call(gated, (x,), {}, lstm(x), probe_size=2)]).stats
+    observations = gate_observations([gated], {"rnn": stats}, unit_threshold=0.95)
+    assert [o.key for o in observations][:5] == [f"rnn/l0/{g}" for g in ("input", "forget", "cell", "output")] + [
+        "rnn/l0_reverse/input"
+    ]
+    shut = observations[0]
+    assert shut.saturation == 1.0 and shut.units == (0, 1, 2, 3) and len(shut.weight_rms) == 4 and shut.row == 0
+    assert observations[4].row == 1 and observations[4].units == ()

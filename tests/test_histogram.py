@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import complex_tensors, sparse_tensors
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import tensor_lists
@@ -108,3 +109,20 @@ def test_spec_validation(kwargs: dict[str, int], match: str) -> None:
 def test_spec_type_is_checked() -> None:
     with pytest.raises(TypeError, match="HistogramSpec"):
         tensor_histograms([torch.ones(2)], spec={"min_exp": 0})  # type: ignore[arg-type]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sparse=st.lists(sparse_tensors(), min_size=1, max_size=3),
+    complex_=st.lists(complex_tensors(), min_size=1, max_size=3),
+    spec=st.sampled_from(SPECS),
+)
+def test_sparse_and_complex_match_reference_exactly(
+    sparse: list[torch.Tensor], complex_: list[torch.Tensor], spec: HistogramSpec
+) -> None:
+    # sparse: the positions not stored land in the zero bucket; complex: binned by |z| (the reference densifies)
+    ts = [*sparse, *complex_]
+    got = tensor_histograms(ts, spec=spec, backend="torch").counts
+    want = tensor_histograms(ts, spec=spec, backend="reference").counts
+    assert torch.equal(got, want)
+    assert torch.equal(got.sum(1), torch.tensor([t.numel() for t in ts]))  # every dense position counted once

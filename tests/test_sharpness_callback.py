@@ -399,6 +399,20 @@ def test_resume_does_not_repeat_an_intervention(tmp_path: Path) -> None:
         assert torch.equal(value, resumed_model.state_dict()[name]), name  # the same run as without a break
 
 
+def test_a_second_fit_of_the_same_instance_starts_from_the_configured_learning_rate() -> None:
+    """``configure_optimizers`` runs again: the factor starts at 1 (it used to carry 0.5 over and read 0.25 after
+    one cut of the fresh learning rate); a resumed fit keeps its factor (``test_resume_does_not_repeat...``)."""
+    callback = SharpnessCallback(every_n_steps=1, metrics=("stability_ratio",), auto_intervene=True, patience=1)
+    model, data, lr = _unstable()
+    _fit(model, data, [callback], steps=2)
+    assert callback.cumulative_factor == 0.5
+    model, data, lr = _unstable()
+    logger = _fit(model, data, [callback], steps=2)
+    assert callback.cumulative_factor == 0.5
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(lr / 2)
+    assert logger.series("sharpness/lr_factor") == {0: 0.5, 1: 0.5}
+
+
 def test_tensorboard_layout_and_intervention_text(tmp_path: Path) -> None:
     model, data, _ = _unstable(schedule=False)
     callback = SharpnessCallback(every_n_steps=1, metrics=("stability_ratio",), auto_intervene=True, patience=1)
@@ -525,7 +539,7 @@ def test_warm_start_gives_the_same_lambda_max_with_fewer_products(
     if batch_size == 64:
         assert max(warm_products[1:]) <= 4, (warm_products, cold_products)
     # kept on the device, detached, one entry per parameter; not part of the checkpoint
-    vector = callback._ritz_vector
+    vector = callback._warm.vector
     assert vector is not None and not vector.requires_grad
     assert vector.numel() == sum(p.numel() for p in QuietMLP().parameters())
     assert not any("ritz" in key for key in callback.state_dict())
@@ -540,8 +554,8 @@ def test_warm_start_with_lambda_min_and_a_change_of_shapes(monkeypatch: pytest.M
         assert warm_min[step] == pytest.approx(cold_min[step], abs=1e-2 * scale)
     # another model (other shapes): the kept vector is dropped and the next estimate starts cold
     params = [torch.zeros(3, requires_grad=True)]
-    assert callback._start_vector(params, "largest", torch.Generator()) is None
-    assert callback._ritz_vector is None
+    assert callback._warm.start(params, "largest", torch.Generator()) is None
+    assert callback._warm.vector is None
 
 
 def test_compiled_module_gets_finite_sharpness() -> None:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_stats_close
+from helpers import assert_stats_close, comparable, complex_tensors, sparse_tensors
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import tensor_lists, tensors
@@ -182,9 +182,10 @@ def test_stat_columns() -> None:
     [
         ([torch.ones(2), "grad"], TypeError, r"`tensors\[1\]` to be a torch.Tensor, but got str"),
         ([torch.ones(2, dtype=torch.int64)], TypeError, r"floating-point dtype.*torch.int64"),
-        ([torch.ones(2, dtype=torch.complex64)], TypeError, r"floating-point dtype.*torch.complex64"),
+        ([torch.ones(2, dtype=torch.bool)], TypeError, r"floating-point dtype.*torch.bool"),
         ([torch.ones(2, device="meta")], ValueError, "meta device"),
-        ([torch.ones(2).to_sparse()], TypeError, "dense"),
+        ([torch.ones(2).to_mkldnn()], TypeError, "dense.*or sparse"),
+        ([torch.nested.as_nested_tensor([torch.ones(2), torch.ones(3)])], TypeError, "nested tensor"),
         (torch.ones(3), TypeError, r"single Tensor.*Wrap it in a list"),
         (3, TypeError, "sequence of tensors, but got int"),
     ],
@@ -279,3 +280,80 @@ def test_count_zeros_false_still_sees_non_finite_values() -> None:
     x[7] = math.inf
     stats = tensor_stats([x], full=False, count_zeros=[False])
     assert float(stats.nonfinite[0]) == 1
+
+
+# ------------------------------------------------------------------------------- sparse and complex tensors
+# The fast backends read a sparse tensor's coalesced values and count the positions it does not store as zeros, and a
+# complex tensor by |z|; the oracle densifies (to_dense) and takes |z| itself: an independent reading.
+
+
+@settings(max_examples=60, deadline=None)
+@given(ts=st.lists(sparse_tensors(), min_size=1, max_size=5), dense=tensor_lists(max_size=3))
+def test_sparse_tensors_match_the_reference(ts: list[torch.Tensor], dense: list[torch.Tensor]) -> None:
+    mixed = [*ts, *dense]
+    table = tensor_stats(mixed, backend="torch").table
+    assert_stats_close(table, reference(mixed), [comparable(t) for t in mixed])
+    assert table[: len(ts), Stat.NUMEL].tolist() == [float(t.numel()) for t in ts]  # the dense size
+
+
+@settings(max_examples=60, deadline=None)
+@given(ts=st.lists(complex_tensors(), min_size=1, max_size=5), dense=tensor_lists(max_size=3))
+def test_complex_tensors_match_the_reference(ts: list[torch.Tensor], dense: list[torch.Tensor]) -> None:
+    mixed = [*ts, *dense]
+    assert_stats_close(tensor_stats(mixed, backend="torch").table, reference(mixed), [comparable(t) for t in mixed])
+
+
+@settings(max_examples=30, deadline=None)
+@given(ts=st.lists(sparse_tensors(), min_size=1, max_size=4))
+def test_sparse_flow_statistics_match_the_reference(ts: list[torch.Tensor]) -> None:
+    # the every-step path (no max, no sum; zero counts only where asked): sums of squares and counts stay exact
+    flags = [i % 2 == 0 for i in range(len(ts))]
+    table = tensor_stats(ts, backend="torch", full=False, count_zeros=flags).table
+    expected = reference(ts)
+    for column in (Stat.NONFINITE, Stat.NUMEL):
+        torch.testing.assert_close(table[:, column], expected[:, column], rtol=0, atol=0)
+    counted = torch.tensor(flags)
+    torch.testing.assert_close(table[counted, Stat.ZEROS], expected[counted, Stat.ZEROS], rtol=0, atol=0)
+    torch.testing.assert_close(table[:, Stat.SUMSQ], expected[:, Stat.SUMSQ], rtol=2e-5, atol=1e-30)
+
+
+def test_sparse_known_values() -> None:
+    # index 0 stored twice (1 + 2 = 3), index 3 holds -4 and an explicit zero at 4: dense [3, 0, 0, -4, 0, 0]
+    t = torch.sparse_coo_tensor([[0, 3, 0, 4]], [1.0, -4.0, 2.0, 0.0], (6,), check_invariants=True)
+    for backend in ("torch", "reference"):
+        assert tensor_stats([t], backend=backend).table.tolist() == [[25.0, 4.0, -1.0, 0.0, 4.0, 6.0]]
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    embedding(torch.tensor([1, 1, 7])).sum().backward()
+    grad = embedding.weight.grad
+    assert grad is not None and grad.layout == torch.sparse_coo and not grad.is_coalesced()
+    # rows 1 (twice: 2.0) and 7 (1.0) of three columns; 24 zeros over the dense 10 x 3
+    assert tensor_stats([grad], backend="torch").table.tolist() == [[15.0, 2.0, 9.0, 0.0, 24.0, 30.0]]
+
+
+def test_sparse_compressed_layouts() -> None:
+    dense = torch.tensor([[0.0, 2.0, 0.0], [-3.0, 0.0, float("nan")]])
+    for t in (dense.to_sparse_csr(), dense.to_sparse_csc(), dense.to_sparse_bsr((1, 1))):
+        assert_stats_close(tensor_stats([t], backend="torch").table, reference([dense]), [dense])
+
+
+def test_complex_known_values() -> None:
+    z = torch.tensor([3 + 4j, 0j, complex(float("inf"), 1.0), complex(1.0, float("nan"))], dtype=torch.complex64)
+    for backend in ("torch", "reference"):
+        # |z| = 5, 0 (finite ones): Σ|z|² = 25, max |z| = 5, Σ|z| = 5; two values with a non-finite part
+        assert tensor_stats([z], backend=backend).table.tolist() == [[25.0, 5.0, 5.0, 2.0, 1.0, 4.0]]
+
+
+def test_scaled_statistics_are_those_of_the_scaled_tensors() -> None:
+    ts = [torch.randn(50), torch.tensor([0.0, float("nan"), -2.0])]
+    scale = torch.tensor(0.25)
+    scaled = tensor_stats(ts, backend="torch").scaled(scale)
+    assert_stats_close(scaled.table, reference([t * scale for t in ts]), ts)
+    assert_stats_close(tensor_stats(ts).scaled(-2.0).table, reference([t * -2.0 for t in ts]), ts)
+
+
+def test_l1_norms_of_dense_sparse_and_complex_tensors() -> None:
+    from lightning_gradflow.stats import l1_norms
+
+    sparse = torch.sparse_coo_tensor([[0, 2, 0]], [1.0, -2.0, 2.0], (4,), check_invariants=True)
+    ts = [torch.tensor([1.0, -2.0]), sparse, torch.tensor([3 + 4j, -1j])]
+    torch.testing.assert_close(l1_norms(ts), torch.tensor([3.0, 5.0, 6.0]))

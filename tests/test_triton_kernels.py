@@ -426,6 +426,36 @@ def test_public_histograms_mixed_dtypes_and_layouts() -> None:
     assert torch.equal(got.cpu(), want.cpu())
 
 
+def sparse_and_complex_tensors() -> list[Tensor]:
+    """A sparse embedding gradient (uncoalesced), a CSR matrix and complex tensors with non-finite parts."""
+    g = torch.Generator().manual_seed(3)
+    embedding = torch.nn.Embedding(40, 6, sparse=True)
+    embedding(torch.tensor([3, 3, 17, 39, 3])).pow(2).sum().backward()
+    assert embedding.weight.grad is not None
+    z = torch.randn(50, generator=g, dtype=torch.complex64)
+    z[4] = complex(math.nan, 1.0)
+    z[9] = 0j
+    return [
+        embedding.weight.grad.to(DEVICE),
+        torch.tensor([[0.0, 1.5, 0.0], [math.inf, 0.0, -2.0]]).to_sparse_csr().to(DEVICE),
+        z.to(DEVICE),
+        torch.randn(7, 3, generator=g, dtype=torch.complex128).t().to(DEVICE),
+    ]
+
+
+def test_public_sparse_and_complex_tensors_match_the_reference() -> None:
+    # the Triton path reads the coalesced stored values and |z|; the oracle densifies: statistics and histograms agree
+    ts = sparse_and_complex_tensors()
+    dense = [(t.to_dense() if t.layout != torch.strided else t).cpu() for t in ts]
+    magnitudes = [t.to(torch.complex128).abs() if t.is_complex() else t.double() for t in dense]
+    for t, m in zip(ts, magnitudes, strict=True):
+        got = tensor_stats([t], backend="triton").table
+        assert_stats_match(got, tensor_stats([t], backend="reference").table, [m.reshape(-1)])
+    spec = HistogramSpec(min_exp=-12, max_exp=4, bins_per_octave=4)
+    got_h = tensor_histograms(ts, spec=spec, backend="triton").counts
+    assert torch.equal(got_h.cpu(), tensor_histograms(ts, spec=spec, backend="reference").counts.cpu())
+
+
 def test_public_update_stats_with_snapshots() -> None:
     params = [t.clone() for t in mixed_tensors()]
     for dtype in (None, torch.bfloat16):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import complex_tensors
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import tensor_lists
@@ -101,3 +102,23 @@ def test_bad_input() -> None:
         make_snapshot(p, dtype=torch.int32)
     with pytest.raises(TypeError, match=r"`snapshots\[0\]`"):
         update_stats(p, [None])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"`params\[0\]` to be a dense"):  # sparse gradients yes, parameters no
+        update_stats([torch.ones(3).to_sparse()], [torch.ones(3)])
+    with pytest.raises(ValueError, match="complex snapshot"):
+        update_stats([torch.ones(3, dtype=torch.complex64)], [torch.ones(3)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(ts=st.lists(complex_tensors(), min_size=1, max_size=4), seed=st.integers(0, 1000))
+def test_complex_parameters_match_reference(ts: list[torch.Tensor], seed: int) -> None:
+    # Σ|p − s|² and Σ|p|² over real and imaginary parts; the snapshot is refreshed to the complex values
+    gen = torch.Generator().manual_seed(seed)
+    moved = [t + torch.randn(t.shape, generator=gen, dtype=t.dtype) * 1e-2 for t in ts]
+    fast, slow = make_snapshot(ts), make_snapshot(ts)
+    got = update_stats(moved, fast, backend="torch").table
+    want = update_stats(moved, slow, backend="reference").table
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-30, equal_nan=True)
+    for a, b, p in zip(fast, slow, moved, strict=True):
+        assert torch.equal(torch.view_as_real(a).nan_to_num(), torch.view_as_real(p).nan_to_num())
+        assert torch.equal(torch.view_as_real(b).nan_to_num(), torch.view_as_real(p).nan_to_num())
+    assert make_snapshot(ts, dtype=torch.float64)[0].dtype == torch.complex128  # a complex snapshot of that precision

@@ -1,4 +1,8 @@
-"""Small pieces every callback needs: argument checks, refusing unsupported strategies, AMP-correct gradient norms."""
+"""Small pieces every callback needs: argument checks, refusing unsupported strategies, AMP-correct gradient norms.
+
+The argument checks are thin names over the pure checks of :mod:`lightning_gradflow.stats._common`, which the pure
+rules (``FlowRule``, ``ZClipConfig``, ...) use to validate their own settings: one wording everywhere.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from lightning_gradflow.stats import Stat, TensorStats
+from lightning_gradflow.stats import TensorStats
+from lightning_gradflow.stats._common import check_float, check_int
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -20,23 +25,12 @@ _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrate
 
 def check_positive_int(name: str, value: object, allow_none: bool = False, allow_zero: bool = False) -> None:
     """Raises a ``TypeError``/``ValueError`` naming ``name`` unless ``value`` is a positive int (or None / 0)."""
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"Expected `{name}` to be an int, but got {type(value).__name__}: {value!r}.")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"Expected `{name}` {bound}, but got {value}.")
+    check_int(name, value, low=0 if allow_zero else 1, allow_none=allow_none)
 
 
 def check_positive_float(name: str, value: object, allow_none: bool = False) -> None:
     """Raises a ``TypeError``/``ValueError`` naming ``name`` unless ``value`` is a finite number > 0 (or None)."""
-    if value is None and allow_none:
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"Expected `{name}` to be a float, but got {type(value).__name__}: {value!r}.")
-    if not 0 < value < float("inf"):
-        raise ValueError(f"Expected `{name}` to be a finite number > 0, but got {value}.")
+    check_float(name, value, allow_none=allow_none)
 
 
 def check_bool(name: str, value: object) -> None:
@@ -47,11 +41,7 @@ def check_bool(name: str, value: object) -> None:
 
 def check_float_in(name: str, value: object, low: float, high: float, closed_high: bool = False) -> None:
     """Raises a ``TypeError``/``ValueError`` naming ``name`` unless ``low < value < high`` (``<= high`` if closed)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"Expected `{name}` to be a float, but got {type(value).__name__}: {value!r}.")
-    if not (low < value <= high if closed_high else low < value < high):
-        bound = "]" if closed_high else ")"
-        raise ValueError(f"Expected `{name}` in ({low}, {high}{bound}, but got {value}.")
+    check_float(name, value, low, high, closed_high=closed_high)
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -101,12 +91,7 @@ def unscaled_for_optimizer(stats: TensorStats, scaler: Any, optimizer: Optimizer
     scale = scaler._get_scale_async()
     if scale is None:
         return stats
-    inv = 1.0 / scale.to(stats.table.device).float()
-    factors = torch.ones(stats.table.shape[1], device=stats.table.device)
-    factors[Stat.SUMSQ] = inv * inv
-    factors[Stat.ABSMAX] = inv
-    factors[Stat.SUM] = inv
-    return TensorStats(stats.table * factors)
+    return stats.scaled(1.0 / scale.to(stats.table.device).float())
 
 
 def global_norm_or_nan(stats: TensorStats) -> Tensor:

@@ -5,78 +5,73 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from lightning.pytorch import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_gradflow import tensorboard as tb
+from lightning_gradflow.callbacks._base import HealthCallback, is_probe_step, to_host
 from lightning_gradflow.callbacks._common import (
     check_bool,
     check_positive_float,
     check_positive_int,
     refuse_sharded_strategy,
 )
-from lightning_gradflow.flow import layer_path
 from lightning_gradflow.gates import (
-    ALL_GATES,
+    EPSILON_MIN,
     EXTRA_GATE_KINDS,
+    FORGET_BIAS_LIMIT,
     GateCapture,
+    GateDecision,
+    GateDiagnosis,
     GatedModule,
     GateMeasurement,
+    GateObservation,
     GateStats,
+    GateVerdict,
     capture_call,
     find_gated_modules,
+    gate_histograms,
+    gate_observations,
+    gate_scalars,
     healthy_bias,
-    histogram_raw,
     measure_gates,
     repair_gate_units_,
     reset_optimizer_rows_,
     row_scales,
 )
-from lightning_gradflow.interventions import Intervention, InterventionLog
-from lightning_gradflow.stats import HistogramSpec, tensorboard_histogram
+from lightning_gradflow.interventions import InterventionLog
+from lightning_gradflow.stats import HistogramSpec
 
 if TYPE_CHECKING:
-    import lightning.pytorch as pl
-    from torch.utils.hooks import RemovableHandle
+    from collections.abc import Sequence
 
-FAMILY = "gates"
-_NAME = "GateSurgeryCallback"
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_gradflow.channel import Event
+    from lightning_gradflow.interventions import Intervention
+
 _ACTIVATION_BINS = 20
 #: Pre-activation histograms: |z| from 2**-10 to 2**7 (a saturated sigmoid needs |z| > 4.6), two buckets per octave.
 _PREACT_SPEC = HistogramSpec(min_exp=-10, max_exp=7, bins_per_octave=2)
 
 
-@dataclass(frozen=True)
-class _Repair:
-    """One gate of one layer/direction that qualifies for surgery, with the reduced numbers it was decided on."""
-
-    module: int  # index into the callback's gated modules
-    row: int
-    gate: str
-    key: str
-    units: list[int]
-    weight_rms: list[float]
-    before: float
-
-
 @dataclass
 class _Probe:
-    """The host copy of one probe's reduced statistics and what it decided."""
+    """The host copy of one probe's reduced statistics and the gates it decided to repair."""
 
     step: int
     stats: dict[str, GateStats]
     activation_counts: dict[str, Tensor] = field(default_factory=dict)
     preact_counts: dict[str, Tensor] = field(default_factory=dict)
-    repairs: list[_Repair] = field(default_factory=list)
+    repairs: list[GateObservation] = field(default_factory=list)
 
 
-class GateSurgeryCallback(Callback):
+class GateSurgeryCallback(HealthCallback):
     r"""Watches the gates of every LSTM and GRU for saturation and, with ``auto_intervene=True``, repairs them.
 
     A saturated gate (σ pinned near 0 or 1) has a derivative near 0: neither information nor gradient passes it,
@@ -92,7 +87,7 @@ class GateSurgeryCallback(Callback):
     * ``gates/saturated_units/...``: the fraction of units saturated on at least ``unit_threshold`` of the probe
       positions;
     * ``gates/sigma_prime/...``: the mean σ′ (tanh′ for the cell/new gates), the gradient the gate lets through;
-    * ``gates/surgeries``: surgeries so far.
+    * ``gates/surgeries``: surgeries in effect (made, and not undone by a rollback).
 
     ``<layer>`` is ``l0``, ``l0_reverse``, ``l1``, … as in PyTorch's parameter names; gates are ``input``,
     ``forget``, ``cell``, ``output`` (LSTM), ``reset``, ``update``, ``new`` (GRU) and ``gate`` (``extra_gates``).
@@ -102,17 +97,25 @@ class GateSurgeryCallback(Callback):
     Steps without a probe cost nothing: no hooks are registered then. A probe step makes one all-reduce and one
     host transfer (two of each on a step with a surgery); on CPU it costs about one training step of the example's
     character LSTM with histograms, half of that without (``benchmarks/gates.py``), so 1 % at the default schedule.
+    A logger or TensorBoard writer that raises is warned about once and training goes on.
 
     **Surgery** (``auto_intervene=True``): when a gate's saturation stays above ``saturation_threshold`` with at
     least one saturated unit for ``patience`` consecutive probes, its saturated units get their biases reset
     (``b_ih + b_hh``: 0, or ``forget_bias`` for the LSTM forget and GRU update gates), their rows of ``W_ih`` and
     ``W_hh`` scaled down so their pre-activations spread at most ``target_std`` (RMS) about the new bias, and the
-    optimizer state
-    of those rows reset (Adam's moments, momentum buffers), in ``on_train_batch_end`` after the optimizer step. The
-    probe then runs again on the same captured input, and each repaired gate becomes an :class:`Intervention` with
-    its saturation before and after. A repaired gate is not touched again for ``cooldown`` steps, and after
-    ``max_surgeries`` repairs the callback only reports. Without ``auto_intervene`` it warns once per finding and
-    records what it would do (``applied=False``); the run is left bitwise unchanged.
+    optimizer state of those rows reset (Adam's moments, momentum buffers), in ``on_train_batch_end`` after the
+    optimizer step. The probe then runs again on the same captured input, and each repaired gate becomes an
+    :class:`Intervention` with its saturation before and after. A repaired gate is not touched again for
+    ``cooldown`` steps, and with ``max_surgeries`` surgeries in effect the callback only reports. Without
+    ``auto_intervene`` it warns once per finding and records what it would do (``applied=False``); the run is left
+    bitwise unchanged. The decision rule is :class:`~lightning_gradflow.gates.GateDiagnosis`.
+
+    **Rollbacks**: the callback joins the trainer's channel, so a rollback (EarlyCollapseCallback's) that restores
+    weights from before a surgery also restores this callback's streaks, cooldowns and surgery count to the
+    snapshot's. Each surgery it undid gets a ``gate_surgery_undone`` record (the ``gate_surgery`` record stays: it
+    happened); ``gates/surgeries`` counts it no more. The gate is repaired again when the diagnosis finds it
+    saturated again (the restored weights are), unless rollbacks have undone its surgeries twice: then the surgery
+    may be what destabilises the run, and the gate is only reported (see :mod:`lightning_gradflow.gates.diagnosis`).
 
     **Distributed**: the per-unit counts are summed across ranks (one all-reduce per probe) before anything is
     decided, so every DDP rank repairs the same rows at the same step with the same factors. Sharded strategies
@@ -120,21 +123,27 @@ class GateSurgeryCallback(Callback):
     LSTMs and unbatched inputs are supported. With ``torch.compile`` the hooks of probe steps cause recompilation;
     compile the model's inner modules rather than the gated ones, or raise ``every_n_steps``.
 
+    **State**: streaks, cooldowns, surgeries in effect, undo counts, warnings and interventions are saved in
+    checkpoints and validated on restore. A new ``fit()`` of the same instance starts a new diagnosis (the
+    interventions of earlier fits stay in :attr:`interventions`).
+
     Args:
         every_n_steps: optimizer steps between probes (step 0 is probed).
         probe_size: sequences (batch rows) of each gated module's input used by a probe.
-        epsilon: saturation margin ε, in (0, 0.5).
+        epsilon: saturation margin ε, in [1e-6, 0.5) (below 1e-6 the tanh margin ``atanh(1 − ε)`` is no longer a
+            usable number).
         unit_threshold: a unit is saturated when it is saturated on at least this fraction of probe positions.
         saturation_threshold: a gate is flagged when more than this fraction of its activations are saturated and
             it has a saturated unit. The default 0.25 leaves healthy gates alone: the input and output gates of a
             character LSTM trained on Python source (``examples/saturated_lstm.py``) sit at 2-18 %.
         patience: consecutive flagged probes before a gate is diagnosed.
         cooldown: optimizer steps after a surgery during which the same gate is not repaired again.
-        max_surgeries: the most gate repairs in a run (0: report only).
+        max_surgeries: the most gate surgeries in effect in a run (0: report only).
         target_std: the largest spread of a repaired unit's pre-activation about its new bias: the root mean square
             over probe positions of its weight contribution (its standard deviation when that has zero mean); rows
             above it are scaled down to it, never up.
-        forget_bias: the total bias of repaired LSTM forget / GRU update gate units (Jozefowicz et al. 2015: 1).
+        forget_bias: the total bias of repaired LSTM forget / GRU update gate units (Jozefowicz et al. 2015: 1), in
+            [-10, 10]: σ(10) = 1 − 4.5e-5 is a gate saturated by its bias alone, not a repair.
         auto_intervene: repair saturated gates; otherwise only observe, warn and record what would be done.
         extra_gates: other gated modules by dotted path: ``"sigmoid"`` when the module's output is a gate's
             pre-activation (``nn.Linear`` modules can be repaired), ``"sigmoid_output"`` when it is σ already.
@@ -162,6 +171,8 @@ class GateSurgeryCallback(Callback):
               init_args: {every_n_steps: 100, auto_intervene: true, extra_gates: {decoder.gate_proj: sigmoid}}
     """
 
+    family: ClassVar[str] = "gates"
+
     def __init__(
         self,
         every_n_steps: int = 100,
@@ -180,6 +191,7 @@ class GateSurgeryCallback(Callback):
         repair_gates: list[str] | None = None,
         histograms: bool = True,
     ) -> None:
+        super().__init__()
         check_positive_int("every_n_steps", every_n_steps)
         check_positive_int("probe_size", probe_size)
         check_positive_int("patience", patience)
@@ -188,19 +200,24 @@ class GateSurgeryCallback(Callback):
         check_positive_float("target_std", target_std)
         check_bool("auto_intervene", auto_intervene)
         check_bool("histograms", histograms)
-        _check_fraction("epsilon", epsilon, low=0.0, high=0.5, closed_high=False)
+        _check_fraction("epsilon", epsilon, low=EPSILON_MIN, high=0.5, closed_high=False, closed_low=True)
         _check_fraction("unit_threshold", unit_threshold, low=0.0, high=1.0, closed_high=True)
         _check_fraction(
             "saturation_threshold", saturation_threshold, low=0.0, high=1.0, closed_high=False, closed_low=True
         )
-        if not isinstance(forget_bias, (int, float)) or isinstance(forget_bias, bool) or not math.isfinite(forget_bias):
-            raise TypeError(f"Expected `forget_bias` to be a finite float, but got {forget_bias!r}.")
+        if not isinstance(forget_bias, (int, float)) or isinstance(forget_bias, bool):
+            raise TypeError(
+                f"Expected `forget_bias` to be a float, but got {type(forget_bias).__name__}: {forget_bias!r}."
+            )
+        if not abs(forget_bias) <= FORGET_BIAS_LIMIT:  # also refuses NaN
+            raise ValueError(
+                f"Expected `forget_bias` to be a finite float in [-{FORGET_BIAS_LIMIT:g}, {FORGET_BIAS_LIMIT:g}], but"
+                f" got {forget_bias!r}: a larger bias saturates the repaired gate by itself. Use e.g. 1.0 (Jozefowicz"
+                " et al. 2015)."
+            )
         self.extra_gates = _check_extra_gates(extra_gates)
         self.exclude = _check_names("exclude", exclude)
         self.repair_gates = _check_names("repair_gates", repair_gates)
-        unknown = [g for g in self.repair_gates if g not in ALL_GATES]
-        if unknown:
-            raise ValueError(f"Expected `repair_gates` to hold gate names from {ALL_GATES}, but got {unknown}.")
         if not self.repair_gates and repair_gates is not None:
             raise ValueError("`repair_gates=[]` would allow no surgery at all: use `auto_intervene=False` instead.")
         self.every_n_steps = every_n_steps
@@ -215,27 +232,27 @@ class GateSurgeryCallback(Callback):
         self.forget_bias = float(forget_bias)
         self.auto_intervene = auto_intervene
         self.histograms = histograms
-        self._log = InterventionLog(_NAME)
-        self.surgeries = 0
-        self.last_metrics: dict[str, float] = {}  # the most recent probe's metrics
+        self.diagnosis = GateDiagnosis(
+            self.saturation_threshold, patience, cooldown, max_surgeries, auto_intervene, self.repair_gates
+        )
         self.last_stats: dict[str, GateStats] = {}  # the most recent probe's reduced statistics (host), per module
         self._gated: list[GatedModule] = []
+        self._fit_start_state: dict[str, Any] | None = None
+        self._reset_probe()
+
+    def _reset_probe(self) -> None:
         self._captures: dict[str, list[GateCapture]] = {}
         self._seen_units: dict[str, int] = {}
-        self._hooks: list[RemovableHandle] = []
         self._capture_step: int | None = None
         self._processed_step: int | None = None
         self._pending: _Probe | None = None
-        self._streaks: dict[str, int] = {}
-        self._last_surgery: dict[str, int] = {}
-        self._warned: set[str] = set()
-
-    # ----------------------------------------------------------------------------------------------- lifecycle
 
     @property
-    def interventions(self) -> list[Intervention]:
-        """Every action taken (or, with ``auto_intervene=False``, that would have been taken), oldest first."""
-        return self._log.records
+    def surgeries(self) -> int:
+        """Gate surgeries in effect: made, and not undone by a rollback (what ``gates/surgeries`` logs)."""
+        return self.diagnosis.surgeries
+
+    # ----------------------------------------------------------------------------------------------- lifecycle
 
     @property
     @override
@@ -244,52 +261,59 @@ class GateSurgeryCallback(Callback):
 
     def should_compute(self, step: int) -> bool:
         """Whether optimizer step ``step`` runs a probe; override for another schedule (must agree on all ranks)."""
-        return step % self.every_n_steps == 0
+        return is_probe_step(step, self.every_n_steps)
+
+    @override
+    def _reset_fit_state(self) -> None:
+        self.diagnosis.reset()
+        self._warned.clear()
+        self._reset_probe()
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_sharded_strategy(trainer, _NAME, reads="whole weight rows and layer activations")
+        super().setup(trainer, pl_module, stage)
+        refuse_sharded_strategy(trainer, self.name, reads="whole weight rows and layer activations")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._fit_start_state = self.rollback_state()  # what a rollback to a snapshot older than this fit restores
         # After `configure_model`, so modules created there are found too.
         self._gated = find_gated_modules(pl_module, self.extra_gates, self.exclude)
-        if not self._gated and "no_gates" not in self._warned:
-            self._warned.add("no_gates")
-            rank_zero_warn(
-                f"{_NAME} found no gated module (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell) in"
-                f" {type(pl_module).__name__}{' outside `exclude`' if self.exclude else ''}, so it does nothing."
-                " Name other sigmoid-gated modules with `extra_gates={'path.to.module': 'sigmoid'}`, or remove the"
-                " callback.",
-                category=RuntimeWarning,
+        if not self._gated:
+            self._warn_once(
+                "no_gates",
+                f"found no gated module (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell) in {type(pl_module).__name__}"
+                f"{' outside `exclude`' if self.exclude else ''}, so it does nothing. Name other sigmoid-gated modules"
+                " with `extra_gates={'path.to.module': 'sigmoid'}`, or remove the callback.",
             )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._gated:
             return
+        charts: dict[str, Sequence[str]] = {
+            "saturation (fraction of activations)": [f"{self.family}/saturation/"],
+            "saturated units (fraction of units)": [f"{self.family}/saturated_units/"],
+            "mean activation": [f"{self.family}/mean/"],
+            "mean σ′ (gradient through the gate)": [f"{self.family}/sigma_prime/"],
+            "surgeries": [f"{self.family}/surgeries"],
+        }
         for logger in tb.tensorboard_loggers(trainer):
-            tb.add_layout_category(
-                logger,
-                FAMILY,
-                {
-                    "saturation (fraction of activations)": [f"{FAMILY}/saturation/"],
-                    "saturated units (fraction of units)": [f"{FAMILY}/saturated_units/"],
-                    "mean activation": [f"{FAMILY}/mean/"],
-                    "mean σ′ (gradient through the gate)": [f"{FAMILY}/sigma_prime/"],
-                    "surgeries": [f"{FAMILY}/surgeries"],
-                },
-            )
+            write = partial(tb.add_layout_category, logger, self.family, charts)
+            self._tensorboard(trainer, "add_custom_scalars", write, trainer.global_step)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
+        super().on_fit_end(trainer, pl_module)
         self._captures.clear()
         self._pending = None
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hooks()
+        super().on_exception(trainer, pl_module, exception)
+        self._captures.clear()
+        self._pending = None
 
     # ------------------------------------------------------------------------------------------------- capture
 
@@ -298,14 +322,13 @@ class GateSurgeryCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if not self._gated or self._hooks or step == self._processed_step or not self.should_compute(step):
+        if not self._gated or self._handles or step == self._processed_step or not self.should_compute(step):
             return
         if step != self._capture_step:  # a new probe step: drop what an unprocessed earlier one left
             self._captures = {g.name: [] for g in self._gated}
             self._capture_step = step
         for index, gated in enumerate(self._gated):
-            hook = partial(self._capture, index)
-            self._hooks.append(gated.module.register_forward_hook(hook, with_kwargs=True))
+            self._add_hook(gated.module.register_forward_hook(partial(self._capture, index), with_kwargs=True))
 
     def _capture(
         self, index: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -315,8 +338,8 @@ class GateSurgeryCallback(Callback):
         if capture is None:
             self._warn_once(
                 f"unreadable:{gated.name}",
-                f"{_NAME}: the output of '{gated.name}' is not a floating-point tensor (nor a tuple starting with"
-                " one), so its gates cannot be read; it is skipped. Check its entry in `extra_gates`.",
+                f"the output of '{gated.name}' is not a floating-point tensor (nor a tuple starting with one), so its"
+                " gates cannot be read; it is skipped. Check its entry in `extra_gates`.",
             )
             return
         if gated.family == "sigmoid":
@@ -325,17 +348,12 @@ class GateSurgeryCallback(Callback):
             if known is not None and units != known:
                 self._warn_once(
                     f"units:{gated.name}",
-                    f"{_NAME}: '{gated.name}' returned {units} units in one call and {known} in another; calls"
-                    f" with other than {known} units are skipped (its last dimension must hold the gate's units).",
+                    f"'{gated.name}' returned {units} units in one call and {known} in another; calls with other than"
+                    f" {known} units are skipped (its last dimension must hold the gate's units).",
                 )
                 return
             self._seen_units.setdefault(gated.name, units)
         self._captures.setdefault(gated.name, []).append(capture)
-
-    def _remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
 
     # --------------------------------------------------------------------------------------------------- probe
 
@@ -347,11 +365,12 @@ class GateSurgeryCallback(Callback):
         if self._capture_step is None or self._capture_step == self._processed_step:
             return
         self._remove_hooks()
-        self._processed_step = self._capture_step
+        self._processed_step = step = self._capture_step
         self._resolve_units(trainer)
         measured = self._measure(trainer, pl_module.device, use_captured_output=True, histograms=self.histograms)
-        probe = _Probe(self._capture_step, *measured)
-        probe.repairs = self._diagnose(probe)
+        probe = _Probe(step, *measured)
+        decisions = self.diagnosis.update(step, gate_observations(self._gated, probe.stats, self.unit_threshold))
+        probe.repairs = [d.observation for d in decisions if self._act_on(d, step)]
         self._pending = probe
 
     def _resolve_units(self, trainer: pl.Trainer) -> None:
@@ -374,101 +393,67 @@ class GateSurgeryCallback(Callback):
         for gated in self._gated:
             if gated.units is None:  # an extra gate no rank has called yet
                 continue
-            captures = self._captures.get(gated.name, [])
             measured[gated.name] = measure_gates(
                 gated,
-                captures,
+                self._captures.get(gated.name, []),
                 self.epsilon,
                 use_captured_output=use_captured_output,
                 device=device,
                 activation_bins=_ACTIVATION_BINS if histograms else 0,
                 preact_spec=_PREACT_SPEC if histograms else None,
             )
-        parts = [t for m in measured.values() for t in m.tensors()]
-        if not parts:
-            return {}, {}, {}
-        flat = torch.cat([t.reshape(-1).double() for t in parts])
-        host = trainer.strategy.reduce(flat, reduce_op="sum").cpu()
-        stats, activation, preact, offset = {}, {}, {}, 0
-        for name, m in measured.items():
-            tensors = []
-            for t in m.tensors():
-                tensors.append(host[offset : offset + t.numel()].view(t.shape))
-                offset += t.numel()
-            stats[name] = GateStats(tensors[0])
-            if len(tensors) == 3:
-                activation[name], preact[name] = tensors[1], tensors[2]
+        parts = {f"{i}:{name}": t for name, m in measured.items() for i, t in enumerate(m.tensors())}
+        host = _reduce_to_host(trainer, parts)
+        stats = {name: GateStats(host[f"0:{name}"]) for name in measured}
+        activation = {name: host[f"1:{name}"] for name in measured if f"1:{name}" in host}
+        preact = {name: host[f"2:{name}"] for name in measured if f"2:{name}" in host}
         return stats, activation, preact
 
-    def _diagnose(self, probe: _Probe) -> list[_Repair]:
-        repairs = []
-        for index, gated in enumerate(self._gated):
-            stats = probe.stats.get(gated.name)
-            if stats is None:
-                continue
-            saturation = stats.saturation
-            unit_mask = stats.saturated_units(self.unit_threshold)
-            weight_rms = stats.weight_rms
-            for row, row_name in enumerate(gated.row_names()):
-                for g, gate in enumerate(gated.gates):
-                    key = f"{layer_path(gated.name)}/{row_name}/{gate}"
-                    units = unit_mask[row, g].nonzero().flatten().tolist()
-                    flagged = float(saturation[row, g]) > self.saturation_threshold and bool(units)
-                    self._streaks[key] = self._streaks.get(key, 0) + 1 if flagged else 0
-                    if self._streaks[key] < self.patience:
-                        continue
-                    repair = _Repair(
-                        index, row, gate, key, units, weight_rms[row, g, units].tolist(), float(saturation[row, g])
-                    )
-                    if self._may_repair(gated, repair, probe.step):
-                        repairs.append(repair)
-        return repairs
-
-    def _may_repair(self, gated: GatedModule, repair: _Repair, step: int) -> bool:
-        """Whether to repair now; otherwise warns (once per finding) and records what would have been done."""
-        if not gated.repairable or (self.repair_gates and repair.gate not in self.repair_gates):
-            why = "its module has no rows to repair" if not gated.repairable else "its gate is not in `repair_gates`"
-            self._warn_once(f"found:{repair.key}", self._finding(repair, step) + f" It is only reported: {why}.")
-            return False
-        if not self.auto_intervene:
-            if f"found:{repair.key}" not in self._warned:
-                self._warn_once(
-                    f"found:{repair.key}",
-                    self._finding(repair, step) + f" With `auto_intervene=True` {_NAME} would {self._plan(repair)}.",
-                )
-                self._record(step, repair, math.nan, self._plan(repair), applied=False)
-            return False
-        last = self._last_surgery.get(repair.key)
-        if last is not None and step - last < self.cooldown:
-            return False
-        if self.surgeries >= self.max_surgeries:
+    def _act_on(self, decision: GateDecision, step: int) -> bool:
+        """Warns (once per finding) and records what the verdict says; returns whether to repair the gate."""
+        obs, verdict = decision.observation, decision.verdict
+        if verdict is GateVerdict.REPORT_ONLY:
+            why = "its module has no rows to repair" if not obs.repairable else "its gate is not in `repair_gates`"
+            self._warn_once(f"found:{obs.key}", self._finding(obs, step) + f" It is only reported: {why}.")
+        elif verdict is GateVerdict.MONITOR:
+            plan = self._plan(obs)
+            if self._warn_once(
+                f"found:{obs.key}", self._finding(obs, step) + f" With `auto_intervene=True` it would {plan}."
+            ):
+                self._record(step, obs, math.nan, plan, applied=False)
+        elif verdict is GateVerdict.BUDGET:
             self._warn_once(
                 "max_surgeries",
-                self._finding(repair, step) + f" {_NAME} has made `max_surgeries={self.max_surgeries}` repairs and"
-                " now only reports; raise `max_surgeries`, or look for the cause (learning rate, initialisation).",
+                self._finding(obs, step) + f" `max_surgeries={self.max_surgeries}` surgeries are in effect, so it now"
+                " only reports; raise `max_surgeries`, or look for the cause (learning rate, initialisation).",
             )
-            return False
-        return True
+        elif verdict is GateVerdict.GIVEN_UP:
+            self._warn_once(
+                f"given_up:{obs.key}",
+                self._finding(obs, step) + f" Rollbacks undid its surgery {self.diagnosis.undone[obs.key]} times, so"
+                " the surgery may be what destabilises the run: it is only reported from now on. Exclude the gate"
+                " with `repair_gates`, or lower the learning rate.",
+            )
+        return verdict is GateVerdict.REPAIR
 
-    def _finding(self, repair: _Repair, step: int) -> str:
-        gated = self._gated[repair.module]
+    def _finding(self, obs: GateObservation, step: int) -> str:
         return (
-            f"{_NAME}: gate '{repair.key}' is saturated at step {step}: {repair.before:.1%} of its activations, and"
-            f" {len(repair.units)} of {gated.units} units on ≥{self.unit_threshold:.0%} of the probe positions, for"
-            f" {self.patience} probe(s) in a row."
+            f"gate '{obs.key}' is saturated at step {step}: {obs.saturation:.1%} of its activations, and"
+            f" {len(obs.units)} of {self._gated[obs.module].units} units on ≥{self.unit_threshold:.0%} of the probe"
+            f" positions, for {self.patience} probe(s) in a row."
         )
 
-    def _plan(self, repair: _Repair) -> str:
-        bias = healthy_bias(repair.gate, self.forget_bias)
-        which = "bias" if self._gated[repair.module].family == "sigmoid" else "bias (b_ih + b_hh)"
+    def _plan(self, obs: GateObservation) -> str:
+        bias = healthy_bias(obs.gate, self.forget_bias)
+        which = "bias" if self._gated[obs.module].family == "sigmoid" else "bias (b_ih + b_hh)"
         return (
-            f"set the {which} of {len(repair.units)} unit(s) to {bias:g}, {self._scaling(repair)} and reset their"
-            " optimizer state"
+            f"set the {which} of {len(obs.units)} unit(s) to {bias:g}, {self._scaling(obs)} and reset their optimizer"
+            " state"
         )
 
-    def _scaling(self, repair: _Repair, done: bool = False) -> str:
-        rows = "weight" if self._gated[repair.module].family == "sigmoid" else "W_ih/W_hh"
-        scales = row_scales(torch.tensor(repair.weight_rms), self.target_std)
+    def _scaling(self, obs: GateObservation, done: bool = False) -> str:
+        rows = "weight" if self._gated[obs.module].family == "sigmoid" else "W_ih/W_hh"
+        scales = row_scales(torch.tensor(obs.weight_rms), self.target_std)
         low, high = float(scales.min()), float(scales.max())
         if low == 1.0:
             return f"{'kept' if done else 'keep their'} {rows} rows (weight RMS already ≤ {self.target_std:g})"
@@ -494,125 +479,139 @@ class GateSurgeryCallback(Callback):
 
     def _operate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: _Probe) -> None:
         entries: set[str] = set()
-        for repair in probe.repairs:
-            gated = self._gated[repair.module]
-            units = torch.tensor(repair.units, dtype=torch.long)
-            weight_rms = torch.tensor(repair.weight_rms, dtype=torch.float64)
+        for obs in probe.repairs:
             touched = repair_gate_units_(
-                gated,
-                repair.row,
-                repair.gate,
-                units,
-                weight_rms,
+                self._gated[obs.module],
+                obs.row,
+                obs.gate,
+                torch.tensor(obs.units, dtype=torch.long),
+                torch.tensor(obs.weight_rms, dtype=torch.float64),
                 target_std=self.target_std,
                 forget_bias=self.forget_bias,
             )
             entries.update(reset_optimizer_rows_(trainer.optimizers, touched))
         after, _, _ = self._measure(trainer, pl_module.device, use_captured_output=False, histograms=False)
         reset = f"optimizer state reset: {', '.join(sorted(entries))}" if entries else "no optimizer state yet"
-        for repair in probe.repairs:
-            gated = self._gated[repair.module]
-            g = gated.gates.index(repair.gate)
-            saturation_after = float(after[gated.name].saturation[repair.row, g])
-            bias = healthy_bias(repair.gate, self.forget_bias)
-            how = f"bias set to {bias:g}, {self._scaling(repair, done=True)}, {reset}"
-            self._record(probe.step, repair, saturation_after, how, applied=True)
+        for obs in probe.repairs:
+            gated = self._gated[obs.module]
+            saturation_after = float(after[gated.name].saturation[obs.row, gated.gates.index(obs.gate)])
+            how = f"bias set to {healthy_bias(obs.gate, self.forget_bias):g}, {self._scaling(obs, done=True)}, {reset}"
+            self._record(probe.step, obs, saturation_after, how, applied=True)
             self._warn_once(
-                f"found:{repair.key}",
-                self._finding(repair, probe.step) + f" Surgery on those units ({how}): saturation"
-                f" {repair.before:.1%} → {saturation_after:.1%} on the probe.",
+                f"found:{obs.key}",
+                self._finding(obs, probe.step) + f" Surgery on those units ({how}): saturation"
+                f" {obs.saturation:.1%} → {saturation_after:.1%} on the probe.",
             )
-            self._streaks[repair.key] = 0
-            self._last_surgery[repair.key] = probe.step
-            self.surgeries += 1
+            self.diagnosis.repaired(probe.step, obs.key)
 
-    def _record(self, step: int, repair: _Repair, after: float, how: str, applied: bool) -> None:
-        gated = self._gated[repair.module]
+    def _record(self, step: int, obs: GateObservation, after: float, how: str, applied: bool) -> None:
         reason = (
-            f"{len(repair.units)}/{gated.units} units saturated on ≥{self.unit_threshold:.0%} of probe positions"
-            f" for {self.patience} probe(s); {how}"
+            f"{len(obs.units)}/{self._gated[obs.module].units} units saturated on ≥{self.unit_threshold:.0%} of probe"
+            f" positions for {self.patience} probe(s); {how}"
         )
-        self._log.add(step, "gate_surgery", repair.key, reason, repair.before, after, applied=applied)
+        self._log.add(step, "gate_surgery", obs.key, reason, obs.saturation, after, applied=applied)
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message, category=RuntimeWarning)
+    # ----------------------------------------------------------------------------------------------- rollbacks
+
+    def rollback_state(self) -> dict[str, Any]:
+        """What a snapshot keeps of this callback: the diagnosis's view of the weights (streaks, cooldowns...)."""
+        return {"diagnosis": self.diagnosis.rollback_state()}
+
+    def restore_rollback_state(self, state: Any, event: Event) -> None:
+        """Returns to a snapshot's view after a rollback and records each surgery the rollback undid."""
+        if state is None:  # the snapshot is older than this callback's fit: return to its start
+            state = self._fit_start_state or {"diagnosis": GateDiagnosis().rollback_state()}
+        if self._pending is not None:  # decided on weights the rollback threw away: report it, repair nothing
+            self._pending.repairs = []
+        undone = self.diagnosis.restore(state["diagnosis"])
+        to_step = event.data.get("to_step", "?")
+        for step, key in undone:
+            surgery = self._surgery_record(step, key)
+            self._log.add(
+                event.step,
+                "gate_surgery_undone",
+                key,
+                f"the surgery of step {step} was undone by {event.source}'s {event.kind} to step {to_step}; the gate is"
+                " repaired again if it is diagnosed again",
+                surgery.after if surgery is not None else math.nan,
+                math.nan,
+            )
+        if undone:
+            self._warn_once(
+                "undone",
+                f"{event.source}'s {event.kind} at step {event.step} (to step {to_step}) undid {len(undone)} gate"
+                f" surger{'y' if len(undone) == 1 else 'ies'} ({', '.join(k for _, k in undone)}); `gates/surgeries`"
+                " counts it no more, and a gate is repaired again when it is diagnosed again (twice undone: only"
+                " reported).",
+            )
+
+    def _surgery_record(self, step: int, key: str) -> Intervention | None:
+        for record in reversed(self.interventions):
+            if record.kind == "gate_surgery" and record.applied and record.step == step and record.target == key:
+                return record
+        return None
 
     # ------------------------------------------------------------------------------------------------ reporting
 
     def _report(self, trainer: pl.Trainer, probe: _Probe) -> None:
-        metrics: dict[str, float] = {f"{FAMILY}/surgeries": float(self.surgeries)}
+        family = self.family
+        metrics: dict[str, float] = {f"{family}/surgeries": float(self.surgeries)}
         for gated in self._gated:
-            stats = probe.stats.get(gated.name)
-            if stats is None:
-                continue
-            columns = {
-                "saturation": stats.saturation,
-                "mean": stats.mean,
-                "saturated_units": stats.saturated_unit_fraction(self.unit_threshold),
-                "sigma_prime": stats.sigma_prime,
-            }
-            has_positions = stats.positions > 0
-            for row, row_name in enumerate(gated.row_names()):
-                if not bool(has_positions[row]):
-                    continue
-                for g, gate in enumerate(gated.gates):
-                    key = f"{layer_path(gated.name)}/{row_name}/{gate}"
-                    for metric, values in columns.items():
-                        metrics[f"{FAMILY}/{metric}/{key}"] = float(values[row, g])
-        self.last_metrics = metrics
+            if gated.name in probe.stats:
+                scalars = gate_scalars(gated, probe.stats[gated.name], self.unit_threshold)
+                metrics.update({f"{family}/{tag}": value for tag, value in scalars.items()})
         self.last_stats = probe.stats
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=probe.step)
-        self._write_tensorboard(trainer, probe)
-
-    def _write_tensorboard(self, trainer: pl.Trainer, probe: _Probe) -> None:
+        self._log_metrics(trainer, metrics, probe.step)
         loggers = tb.tensorboard_loggers(trainer)
-        if not loggers:
-            return
-        new = self._log.unreported()
+        new = self._log.unreported() if loggers else []
         for logger in loggers:
-            for gated in self._gated:
-                if gated.name not in probe.activation_counts:
-                    continue
-                activation = probe.activation_counts[gated.name]
-                preact = probe.preact_counts[gated.name]
-                for row, row_name in enumerate(gated.row_names()):
-                    for g, gate in enumerate(gated.gates):
-                        key = f"{layer_path(gated.name)}/{row_name}/{gate}"
-                        low = -1.0 if gated.tanh_mask[g] else 0.0
-                        counts = [int(c) for c in activation[row, g].tolist()]
-                        tb.add_histogram(
-                            logger, f"{FAMILY}/activation_hist/{key}", histogram_raw(counts, low, 1.0), probe.step
-                        )
-                        raw = tensorboard_histogram(preact[row * len(gated.gates) + g].long(), _PREACT_SPEC)
-                        tb.add_histogram(logger, f"{FAMILY}/preact_hist/{key}", raw, probe.step)
-            if new:
-                tb.add_interventions(logger, FAMILY, new, probe.step)
+            write = partial(self._write_tensorboard, logger, probe, new)
+            self._tensorboard(trainer, "add_histogram_raw", write, probe.step)
+
+    def _write_tensorboard(self, logger: TensorBoardLogger, probe: _Probe, new: list[Intervention]) -> None:
+        for gated in self._gated:
+            if gated.name in probe.activation_counts:
+                activation, preact = probe.activation_counts[gated.name], probe.preact_counts[gated.name]
+                for tag, raw in gate_histograms(gated, activation, preact, _PREACT_SPEC).items():
+                    tb.add_histogram(logger, f"{self.family}/{tag}", raw, probe.step)
+        if new:
+            tb.add_interventions(logger, self.family, new, probe.step)
 
     # ----------------------------------------------------------------------------------------------------- state
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "streaks": dict(self._streaks),
-            "last_surgery": dict(self._last_surgery),
-            "surgeries": self.surgeries,
+            **self.diagnosis.state_dict(),
             "interventions": self._log.state_dict(),
             "warned": sorted(self._warned),
         }
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._streaks = {str(k): int(v) for k, v in state_dict["streaks"].items()}
-        self._last_surgery = {str(k): int(v) for k, v in state_dict["last_surgery"].items()}
-        self.surgeries = int(state_dict["surgeries"])
-        self._log.load_state_dict(state_dict["interventions"])
-        self._warned = {str(w) for w in state_dict["warned"]}
+    def _load_state(self, state: dict[str, Any]) -> None:
+        log = InterventionLog(self.name)
+        log.load_state_dict(state["interventions"])
+        warned = state["warned"]
+        if not isinstance(warned, (list, tuple, set)) or not all(isinstance(w, str) for w in warned):
+            raise TypeError(f"Expected `warned` to be a list of str, but got {warned!r:.200}.")
+        diagnosis = dict(state)
+        if "applied" not in diagnosis:  # written before rollbacks were tracked: the applied surgery records
+            diagnosis["applied"] = [[r.step, r.target] for r in log.records if r.applied and r.kind == "gate_surgery"]
+        self.diagnosis.load_state_dict(diagnosis)  # validates everything before changing anything
+        self._log = log
+        self._warned = set(warned)
 
 
-# ------------------------------------------------------------------------------------------------- validation
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def _reduce_to_host(trainer: pl.Trainer, parts: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Sums ``parts`` across ranks in one all-reduce (packed in float64), then copies them to the host at once."""
+    if not parts:
+        return {}
+    flat = trainer.strategy.reduce(torch.cat([t.reshape(-1).double() for t in parts.values()]), reduce_op="sum")
+    sizes = [t.numel() for t in parts.values()]
+    return to_host({name: v.view(t.shape) for (name, t), v in zip(parts.items(), flat.split(sizes), strict=True)})
 
 
 def _check_fraction(

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from lightning.pytorch import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_gradflow import tensorboard as tb
+from lightning_gradflow.callbacks._base import HealthCallback, is_log_step, to_host
 from lightning_gradflow.callbacks._common import (
     check_bool,
     check_choice,
-    check_float_in,
     check_positive_float,
     check_positive_int,
     global_norm_or_nan,
@@ -25,22 +24,36 @@ from lightning_gradflow.callbacks._common import (
     refuse_sharded_strategy,
     unscaled_for_optimizer,
 )
+from lightning_gradflow.channel import Event
 from lightning_gradflow.clipping import (
     CLIP_MODES,
+    AutoClipConfig,
     ClipMode,
     PercentileClipper,
+    ZClipConfig,
     ZScoreClipper,
     agc_clip_,
     clip_coefficient,
+    max_norm_threshold,
+    scale_grads_,
 )
-from lightning_gradflow.flow import FlowRule, active_rms, depth_order, flow_ratios, parameter_layers, update_streaks
-from lightning_gradflow.interventions import Intervention, InterventionLog
+from lightning_gradflow.flow import (
+    FlowMonitor,
+    FlowRule,
+    LogWindow,
+    active_rms,
+    depth_order,
+    end_to_end_ratio,
+    flow_ratios,
+    parameter_layers,
+)
 from lightning_gradflow.stats import (
     HistogramSpec,
     Stat,
     TensorHistograms,
     TensorStats,
     UpdateStats,
+    l1_norms,
     make_snapshot,
     tensor_histograms,
     tensor_stats,
@@ -50,10 +63,11 @@ from lightning_gradflow.stats import (
 from lightning_gradflow.stats._common import BACKENDS, Backend
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import lightning.pytorch as pl
 
 FAMILY = "gradflow"
-_NAME = "GradientFlowCallback"
 _VANISHING_FIX = (
     "residual connections, normalisation layers (LayerNorm/BatchNorm), ReLU-family activations instead of"
     " sigmoid/tanh, or a variance-preserving initialisation (Kaiming/orthogonal)"
@@ -82,18 +96,21 @@ class _Step:
     skipped: bool = False
     snapshotted: bool = False
     tensor_zeros: Tensor | None = None  # per-gradient zero counts of a reporting step
-    # the logging window closed at this step: [non-finite, overflow, clipped, worst norm, its clipped value] and steps
-    window: Tensor | None = None
-    window_steps: int = 0
+    # the logging window closed at this step (see LogWindow.close): counts, first non-finite step, steps
+    window: tuple[Tensor, Tensor, int] | None = None
 
 
-class GradientFlowCallback(Callback):
+class GradientFlowCallback(HealthCallback):
     r"""Watches how gradients flow through every layer, diagnoses vanishing/exploding gradients, and clips.
 
     Gradients are read in ``on_before_optimizer_step``: once per optimizer step, with accumulated (and, under DDP,
     all-reduced) gradients, after AMP unscaling and before Lightning's own clipping. All statistics of all parameters
     come from one fused pass (:func:`~lightning_gradflow.stats.tensor_stats`) and stay on the device; on logging
-    steps they reach the host in one transfer.
+    steps they reach the host in one transfer. The step's global gradient norm (NaN when a gradient value was not
+    finite) is published on the trainer's channel as ``"grad_norm"``, for other callbacks to share.
+
+    Sparse gradients (``nn.Embedding(sparse=True)``) are measured exactly as their dense equivalent and clipped in
+    every mode; complex parameters are measured by ``|z|`` (see :class:`~lightning_gradflow.stats.Stat`).
 
     **Layers** are the modules that own parameters (``group_by="module"``) or single parameters
     (``group_by="parameter"``), ordered by *depth* — the reverse of the order in which their gradients became ready
@@ -116,6 +133,12 @@ class GradientFlowCallback(Callback):
       clips afterwards: the tighter threshold wins. Clips are recorded as one :class:`Intervention` per logging
       interval (how many steps were clipped, the largest norm and what it was clipped to).
 
+    When another callback rolls the run back to an in-memory snapshot (EarlyCollapseCallback), the clip statistics
+    and the diagnosis streaks return to the snapshot's too (:meth:`rollback_state`).
+
+    **Per fit**: a second ``fit()`` of the same instance starts afresh (layers, clip statistics, streaks, counters);
+    a fit resumed from a checkpoint continues them. The intervention records are kept across fits.
+
     **Logged metrics** (every attached logger; ``<layer>`` is the module path with ``/``):
     ``gradflow/grad_norm_total``, ``gradflow/grad_norm/<layer>``, ``gradflow/grad_rms/<layer>``,
     ``gradflow/grad_absmax/<layer>``, ``gradflow/zero_fraction/<layer>``, ``gradflow/weight_norm/<layer>``,
@@ -126,6 +149,7 @@ class GradientFlowCallback(Callback):
     ``auto_intervene=True`` also ``gradflow/clip_threshold`` and ``gradflow/clip_coef``.
     TensorBoard (rank zero): a custom-scalars layout, per-layer gradient histograms binned on the device
     (``gradflow/grad_hist/<layer>``), the gradient-flow figure (``gradflow/flow``), interventions as text.
+    A logger that fails is warned about once and training goes on.
 
     Args:
         log_every_n_steps: optimizer steps between logs; default: the Trainer's ``log_every_n_steps``.
@@ -133,21 +157,24 @@ class GradientFlowCallback(Callback):
         figure_every_n_steps: steps between gradient-flow figures (0 disables); default 10 × the log interval.
         group_by: ``"module"`` or ``"parameter"``.
         track_update_ratio: measure ‖Δw‖/‖w‖ on logging steps (keeps one copy of the parameters).
-        vanishing_ratio: see :class:`~lightning_gradflow.flow.FlowRule`.
-        exploding_ratio: see :class:`~lightning_gradflow.flow.FlowRule`.
+        vanishing_ratio: see :class:`~lightning_gradflow.flow.FlowRule`, in (0, 1).
+        exploding_ratio: see :class:`~lightning_gradflow.flow.FlowRule`, finite, > 1.
         min_grad_rms: see :class:`~lightning_gradflow.flow.FlowRule`.
         max_grad_rms: see :class:`~lightning_gradflow.flow.FlowRule`.
-        patience: optimizer steps a condition must hold before it is diagnosed.
+        patience: optimizer steps a condition must hold before it is diagnosed, at most 2**24
+            (:data:`~lightning_gradflow.flow.MAX_PATIENCE`).
         auto_intervene: clip gradients and skip non-finite steps; otherwise only observe and warn.
         clip_mode: ``"zscore"``, ``"percentile"``, ``"agc"`` or ``"norm"``.
         clip_value: the fixed threshold for ``"norm"``; an optional hard cap on the threshold for ``"zscore"``
             and ``"percentile"`` (worth setting when a run may diverge in its very first steps: those modes
-            judge each norm against the run's own history); not used by ``"agc"``.
-        z_threshold: ZClip's z-score threshold.
-        ema_alpha: ZClip's EMA decay.
-        warmup_steps: ZClip's warm-up (steps observed before clipping starts).
-        percentile: AutoClip's percentile of past norms.
-        percentile_window: how many past norms AutoClip keeps.
+            judge each norm against the run's own history); not used by ``"agc"``. Any finite value > 0.
+        z_threshold: ZClip's z-score threshold (see :class:`~lightning_gradflow.clipping.ZClipConfig`).
+        ema_alpha: ZClip's EMA decay, in (0, 1).
+        warmup_steps: ZClip's warm-up (steps observed before clipping starts), at most 100 000
+            (:data:`~lightning_gradflow.clipping.MAX_WARMUP_STEPS`).
+        percentile: AutoClip's percentile of past norms, in (0, 100].
+        percentile_window: how many past norms AutoClip keeps, at most 1 000 000
+            (:data:`~lightning_gradflow.clipping.MAX_PERCENTILE_WINDOW`).
         agc_clip_factor: AGC's λ (unit gradient norm / unit weight norm).
         agc_eps: AGC's floor on unit weight norms.
         skip_nonfinite: with ``auto_intervene``, skip steps with non-finite gradients.
@@ -165,6 +192,8 @@ class GradientFlowCallback(Callback):
         >>> trainer = Trainer(callbacks=[GradientFlowCallback(auto_intervene=True)], logger=False, max_steps=1)
     """
 
+    family = FAMILY
+
     def __init__(
         self,
         log_every_n_steps: int | None = None,
@@ -172,48 +201,44 @@ class GradientFlowCallback(Callback):
         figure_every_n_steps: int | None = None,
         group_by: Literal["module", "parameter"] = "module",
         track_update_ratio: bool = True,
-        vanishing_ratio: float = 1e-3,
-        exploding_ratio: float = 1e3,
-        min_grad_rms: float = 1e-10,
-        max_grad_rms: float = 1e2,
-        patience: int = 20,
+        vanishing_ratio: float = FlowRule.vanishing_ratio,
+        exploding_ratio: float = FlowRule.exploding_ratio,
+        min_grad_rms: float = FlowRule.min_grad_rms,
+        max_grad_rms: float = FlowRule.max_grad_rms,
+        patience: int = FlowRule.patience,
         auto_intervene: bool = False,
         clip_mode: ClipMode = "zscore",
         clip_value: float | None = None,
-        z_threshold: float = 2.5,
-        ema_alpha: float = 0.97,
-        warmup_steps: int = 25,
-        percentile: float = 10.0,
-        percentile_window: int = 10_000,
+        z_threshold: float = ZClipConfig.z_threshold,
+        ema_alpha: float = ZClipConfig.ema_alpha,
+        warmup_steps: int = ZClipConfig.warmup_steps,
+        percentile: float = AutoClipConfig.percentile,
+        percentile_window: int = AutoClipConfig.percentile_window,
         agc_clip_factor: float = 0.01,
         agc_eps: float = 1e-3,
         skip_nonfinite: bool = True,
         backend: Backend = "auto",
     ) -> None:
+        super().__init__()
         check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
         check_positive_int("histogram_every_n_steps", histogram_every_n_steps, allow_none=True, allow_zero=True)
         check_positive_int("figure_every_n_steps", figure_every_n_steps, allow_none=True, allow_zero=True)
         check_choice("group_by", group_by, ("module", "parameter"))
         check_choice("clip_mode", clip_mode, CLIP_MODES)
         check_choice("backend", backend, BACKENDS)
-        for name, value in [("z_threshold", z_threshold), ("agc_clip_factor", agc_clip_factor), ("agc_eps", agc_eps)]:
-            check_positive_float(name, value)
-        check_positive_float("clip_value", clip_value, allow_none=True)
-        for name, value in [("min_grad_rms", min_grad_rms), ("max_grad_rms", max_grad_rms)]:
-            check_positive_float(name, value)
-        check_float_in("vanishing_ratio", vanishing_ratio, 0.0, 1.0)
-        check_positive_float("exploding_ratio", exploding_ratio)
-        check_float_in("ema_alpha", ema_alpha, 0.0, 1.0)
-        check_float_in("percentile", percentile, 0.0, 100.0, closed_high=True)
-        check_positive_int("patience", patience)
-        check_positive_int("warmup_steps", warmup_steps)
-        check_positive_int("percentile_window", percentile_window)
         for name, flag in [
             ("track_update_ratio", track_update_ratio),
             ("auto_intervene", auto_intervene),
             ("skip_nonfinite", skip_nonfinite),
         ]:
             check_bool(name, flag)
+        # each of these is declared and validated once, in the pure layer
+        self.rule = FlowRule(vanishing_ratio, exploding_ratio, min_grad_rms, max_grad_rms, patience)
+        self.zclip = ZClipConfig(z_threshold, ema_alpha, warmup_steps)
+        self.autoclip = AutoClipConfig(percentile, percentile_window)
+        self.clip_value = max_norm_threshold(clip_value, "clip_value")
+        check_positive_float("agc_clip_factor", agc_clip_factor)
+        check_positive_float("agc_eps", agc_eps)
         if clip_mode == "norm" and clip_value is None:
             raise ValueError("`clip_mode='norm'` clips to a fixed threshold: pass it as `clip_value=...`.")
         if clip_mode == "agc" and clip_value is not None:
@@ -221,7 +246,6 @@ class GradientFlowCallback(Callback):
                 f"`clip_value={clip_value}` has no meaning for `clip_mode='agc'`, which clips each unit relative to"
                 " its weights: set `agc_clip_factor` instead, or remove `clip_value`."
             )
-        self.rule = FlowRule(vanishing_ratio, exploding_ratio, min_grad_rms, max_grad_rms, patience)
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self.figure_every_n_steps = figure_every_n_steps
@@ -229,43 +253,40 @@ class GradientFlowCallback(Callback):
         self.track_update_ratio = track_update_ratio
         self.auto_intervene = auto_intervene
         self.clip_mode = clip_mode
-        self.clip_value = clip_value
-        self.agc_clip_factor = agc_clip_factor
-        self.agc_eps = agc_eps
+        self.agc_clip_factor = float(agc_clip_factor)
+        self.agc_eps = float(agc_eps)
         self.skip_nonfinite = skip_nonfinite
         self.backend: Backend = backend
-        self.clipper: ZScoreClipper | PercentileClipper | None = None
-        if clip_mode == "zscore":
-            self.clipper = ZScoreClipper(z_threshold, ema_alpha, warmup_steps, max_norm=clip_value)
-        elif clip_mode == "percentile":
-            self.clipper = PercentileClipper(percentile, percentile_window, max_norm=clip_value)
-        self._log = InterventionLog(_NAME)
+        self.monitor = FlowMonitor(self.rule)
         self._writes_tensorboard = True
-        self._has_zeros: dict[int, bool] = {}  # per gradient (by id): held exact zeros at the last report
+        self._reset_fit_state()
+
+    def _new_clipper(self) -> ZScoreClipper | PercentileClipper | None:
+        if self.clip_mode == "zscore":
+            z = self.zclip
+            return ZScoreClipper(z.z_threshold, z.ema_alpha, z.warmup_steps, max_norm=self.clip_value)
+        if self.clip_mode == "percentile":
+            return PercentileClipper(self.autoclip.percentile, self.autoclip.percentile_window, self.clip_value)
+        return None
+
+    @override
+    def _reset_fit_state(self) -> None:
+        # Made afresh per fit, never shared: under ddp_spawn, tensors created in __init__ would be pickled into
+        # memory shared by every rank; a reused instance must not carry one model's statistics into the next.
+        self.clipper = self._new_clipper()
+        self.monitor.reset()
+        self.window = LogWindow()
         self.layers: list[str] = []  # depth order, input side first
-        self.last_metrics: dict[str, float] = {}  # the most recent logged metrics
         self.skipped_steps = 0
+        self._warned.clear()
+        self._has_zeros: dict[int, bool] = {}  # per gradient (by id): held exact zeros at the last report
         self._layer_of: dict[int, str] = {}  # id(param) -> layer
         self._ready: list[str] = []
-        self._hooks: list[Any] = []
         self._row_cache: dict[tuple[int, ...], Tensor] = {}
-        self._streaks: Tensor | None = None  # (2, num_layers): vanishing, exploding
-        self._reset_window()
         self._last: _Step | None = None  # the latest step, for the report of an unfinished window at the end
-        self._measured: tuple[int, Tensor] | None = None  # (step, global norm, NaN if non-finite): shared
-        self._warned: set[tuple[str, str]] = set()
+        self._measured: tuple[int, Tensor] | None = None  # (step, global norm, NaN if non-finite)
         self._pending: list[_Step] = []
         self._snapshots: dict[int, Tensor] = {}
-        self._window_state: dict[str, Any] | None = None
-
-    def _reset_window(self, device: torch.device | str = "cpu") -> None:
-        # Made afresh per fit, never shared: under ddp_spawn, tensors created in __init__ would be pickled into
-        # memory shared by every rank.
-        self._nonfinite = torch.zeros((), device=device)  # non-finite gradient values since the last log
-        self._overflow = torch.zeros((), device=device)  # GradScaler overflow steps since the last log
-        self._clipped = torch.zeros((), device=device)  # steps clipped since the last log
-        self._worst = torch.zeros(2, device=device)  # largest pre-clip norm since the last log, and its clipped value
-        self._steps_since_log = 0
 
     # ----------------------------------------------------------------------------------------------- lifecycle
 
@@ -273,7 +294,8 @@ class GradientFlowCallback(Callback):
         """The global gradient norm this callback measured at optimizer step ``step``, for other callbacks to share.
 
         A 0-dim tensor on the gradients' device (no host sync), after AMP unscaling and before any clipping; NaN
-        when a gradient held a non-finite value. ``None`` when this callback measured nothing at ``step``.
+        when a gradient held a non-finite value. ``None`` when this callback measured nothing at ``step``. The same
+        value is published on the trainer's channel: ``self.channel(trainer).read(step, "grad_norm")``.
 
         Args:
             step: ``trainer.global_step`` in ``on_before_optimizer_step``.
@@ -283,41 +305,33 @@ class GradientFlowCallback(Callback):
         return self._measured[1]
 
     @property
-    def interventions(self) -> list[Intervention]:
-        """Every action taken (or, with ``auto_intervene=False``, that would have been taken), oldest first."""
-        return self._log.records
-
-    @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(group_by=self.group_by, clip_mode=self.clip_mode)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_sharded_strategy(trainer, _NAME)
+        super().setup(trainer, pl_module, stage)
+        refuse_sharded_strategy(trainer, self.name)
         if stage == "fit" and not trainer.loggers:
-            rank_zero_warn(
-                f"{_NAME} has no logger to write to: diagnoses, warnings and interventions still work, but attach a"
-                " logger (e.g. `Trainer(logger=TensorBoardLogger('runs'))`) to see the per-layer statistics.",
-                category=RuntimeWarning,
+            self._warn_once(
+                "no_logger",
+                "no logger to write to: diagnoses, warnings and interventions still work, but attach a logger"
+                " (e.g. `Trainer(logger=TensorBoardLogger('runs'))`) to see the per-layer statistics.",
             )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        window = self._window_state
-        self._reset_window()
-        if window is not None:  # restored from a checkpoint
-            self._load_window(window)
-            self._window_state = None
+        super().on_fit_start(trainer, pl_module)
         names = parameter_layers(pl_module, self.group_by)
         self._layer_of = {id(p): names[n] for n, p in pl_module.named_parameters() if n in names}
         if not self._layer_of:
-            rank_zero_warn(f"{_NAME}: the model has no trainable parameters; there is nothing to watch.")
+            self._warn_once("no_parameters", "the model has no trainable parameters; there is nothing to watch.")
             return
         if not self.layers:  # not restored from a checkpoint: learn the depth order from the first backward
             for p in pl_module.parameters():
                 if id(p) in self._layer_of:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._record_ready))
+                    self._add_hook(p.register_post_accumulate_grad_hook(self._record_ready))
         self._row_cache.clear()
 
     def _record_ready(self, param: Tensor) -> None:
@@ -326,54 +340,46 @@ class GradientFlowCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # histograms and figures only go to TensorBoard (on rank zero): without one, they are not computed
-        self._writes_tensorboard = bool(tb.tensorboard_loggers(trainer))
-        for logger in tb.tensorboard_loggers(trainer):
-            tb.add_layout_category(
-                logger,
-                FAMILY,
-                {
-                    "gradient norm per layer": [f"{FAMILY}/grad_norm/"],
-                    "gradient RMS per layer": [f"{FAMILY}/grad_rms/"],
-                    "update/weight ratio per layer": [f"{FAMILY}/update_ratio/"],
-                    "flow ratio per layer (RMS here / RMS of the next layer)": [f"{FAMILY}/flow_ratio/"],
-                    "global gradient norm and clipping": [f"{FAMILY}/grad_norm_total", f"{FAMILY}/clip_threshold"],
-                    "diagnosis": [
-                        f"{FAMILY}/vanishing_layers",
-                        f"{FAMILY}/exploding_layers",
-                        f"{FAMILY}/nonfinite_grads",
-                        f"{FAMILY}/overflow_steps",
-                    ],
-                },
-            )
+        loggers = tb.tensorboard_loggers(trainer)
+        self._writes_tensorboard = bool(loggers)
+        layout: dict[str, Sequence[str]] = {
+            "gradient norm per layer": [f"{FAMILY}/grad_norm/"],
+            "gradient RMS per layer": [f"{FAMILY}/grad_rms/"],
+            "update/weight ratio per layer": [f"{FAMILY}/update_ratio/"],
+            "flow ratio per layer (RMS here / RMS of the next layer)": [f"{FAMILY}/flow_ratio/"],
+            "global gradient norm and clipping": [f"{FAMILY}/grad_norm_total", f"{FAMILY}/clip_threshold"],
+            "diagnosis": [
+                f"{FAMILY}/vanishing_layers",
+                f"{FAMILY}/exploding_layers",
+                f"{FAMILY}/nonfinite_grads",
+                f"{FAMILY}/overflow_steps",
+            ],
+        }
+        for logger in loggers:
+            write = partial(tb.add_layout_category, logger, FAMILY, layout)
+            self._tensorboard(trainer, "add_custom_scalars", write, trainer.global_step)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         last, self._last = self._last, None
-        if last is not None and self._steps_since_log > 0:  # report the unfinished window: nothing found is lost
+        if last is not None and self.window.steps > 0:  # report the unfinished window: nothing found is lost
             last.log, last.histogram, last.figure = True, False, False
             self._report(trainer, last)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
+        super().on_fit_end(trainer, pl_module)
         self._pending.clear()
 
-    def _remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._pending.clear()
 
     # ------------------------------------------------------------------------------------------ the step itself
 
-    def _interval(self, trainer: pl.Trainer) -> int:
-        return log_interval(trainer, self.log_every_n_steps)
-
     def _every(self, value: int | None, trainer: pl.Trainer) -> int:
-        return 10 * self._interval(trainer) if value is None else value
-
-    @staticmethod
-    def _due(step: int, every: int) -> bool:
-        return every > 0 and (step + 1) % every == 0
+        return 10 * log_interval(trainer, self.log_every_n_steps) if value is None else value
 
     def _rows(self, params: list[Tensor], device: torch.device) -> Tensor:
         key = tuple(id(p) for p in params)
@@ -382,7 +388,7 @@ class GradientFlowCallback(Callback):
             new = [layer for layer in dict.fromkeys(self._layer_of[id(p)] for p in params) if layer not in self.layers]
             if new:  # e.g. a checkpoint from a model with fewer layers: append, keep the known order
                 self.layers.extend(new)
-                self._streaks = None
+                self.monitor.reset()
                 self._row_cache.clear()
             index = {layer: i for i, layer in enumerate(self.layers)}
             rows = torch.tensor([index[self._layer_of[id(p)]] for p in params], device=device)
@@ -407,17 +413,17 @@ class GradientFlowCallback(Callback):
         ]
         if not params:
             return
-        if not self.layers or self._hooks:
+        if not self.layers or self._handles:
             self._finish_depth_order()
         grads = [p.grad for p in params]
         device = params[0].device
         step = trainer.global_step
-        interval = self._interval(trainer)
+        log_every = log_interval(trainer, self.log_every_n_steps)
         hist_every = self._every(self.histogram_every_n_steps, trainer) if self._writes_tensorboard else 0
         fig_every = self._every(self.figure_every_n_steps, trainer) if self._writes_tensorboard else 0
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-
-        report = self._due(step, interval) or self._due(step, hist_every) or self._due(step, fig_every)
+        log, histogram, figure = (is_log_step(step, every) for every in (log_every, hist_every, fig_every))
+        report = log or histogram or figure
         # Between reports only the norms, counts and diagnosis are needed: the CPU skips max |g| and the sum, and the
         # zero count of gradients that had no exact zeros at the last report (dense layers): their active RMS is then
         # their RMS. Reports count every zero; a layer that turned sparse since is under-rated for one log interval
@@ -427,70 +433,46 @@ class GradientFlowCallback(Callback):
         if count_zeros is not None and not all(count_zeros):
             stats.table[:, Stat.ZEROS].nan_to_num_(0.0)
         stats = unscaled_for_optimizer(stats, scaler, optimizer)
-        layer_stats = stats.reduce_rows(self._rows(params, device), len(self.layers))
-        total_norm = stats.total_norm()
-        nonfinite = stats.nonfinite.sum()
-        self._move_state(device)
-        self._nonfinite += nonfinite
-        overflow = (nonfinite > 0) if scaler is not None else torch.zeros((), dtype=torch.bool, device=device)
-        self._overflow += overflow.float()
-        self._update_diagnosis(layer_stats, count_nonfinite=scaler is None, frozen=overflow)
-
+        self._measured = (step, global_norm_or_nan(stats))
+        self.channel(trainer).publish(step, "grad_norm", self._measured[1])  # before any clipping
+        rows = self._rows(params, device)
         pending = _Step(
             step=step,
-            log=self._due(step, interval),
-            histogram=self._due(step, hist_every),
-            figure=self._due(step, fig_every),
+            log=log,
+            histogram=histogram,
+            figure=figure,
             params=params,
-            layer_stats=layer_stats,
-            total_norm=total_norm,
+            layer_stats=stats.reduce_rows(rows, len(self.layers)),
+            total_norm=stats.total_norm(),
             tensor_zeros=stats.zeros if report else None,
         )
+        nonfinite = stats.nonfinite.sum()
+        self._move_state(device)
+        overflow = (nonfinite > 0) if scaler is not None else torch.zeros((), dtype=torch.bool, device=device)
+        self.window.observe(step, nonfinite, overflow)
+        self.monitor.update(pending.layer_stats, count_nonfinite=scaler is None, frozen=overflow)
+
         if pending.histogram:
-            pending.histograms = tensor_histograms(grads, backend=self.backend).reduce_rows(
-                self._rows(params, device), len(self.layers)
-            )
+            pending.histograms = tensor_histograms(grads, backend=self.backend).reduce_rows(rows, len(self.layers))
         if pending.figure:
-            sums = torch.stack([n.float().to(device) for n in torch._foreach_norm(grads, 1)])
-            pending.abs_sums = torch.zeros(len(self.layers), device=device).index_add_(
-                0, self._rows(params, device), sums
-            )
+            pending.abs_sums = torch.zeros(len(self.layers), device=device).index_add_(0, rows, l1_norms(grads))
         if self.auto_intervene:
-            self._intervene(trainer, pending, grads, nonfinite, scaler is not None)
-        if (pending.log or pending.histogram or pending.figure) and self.track_update_ratio and not pending.skipped:
-            self._snapshot(params)
-            pending.snapshotted = True
-        self._steps_since_log += 1
+            self._intervene(pending, grads, nonfinite, scaler is not None)
+        if report and self.track_update_ratio and not pending.skipped:
+            pending.snapshotted = self._snapshot(params)
         if pending.log:  # closed here, not at the batch's end: several optimizers step within one batch
-            pending.window = self._open_window()
-            pending.window_steps = self._steps_since_log
-            self._reset_window(device)
+            pending.window = self.window.close()
         self._pending.append(pending)
         self._last = pending
-        self._measured = (step, global_norm_or_nan(stats))
 
     def _move_state(self, device: torch.device) -> None:
-        if self._nonfinite.device != device:
-            self._nonfinite = self._nonfinite.to(device)
-            self._overflow = self._overflow.to(device)
-            self._clipped = self._clipped.to(device)
-            self._worst = self._worst.to(device)
-            if self._streaks is not None:
-                self._streaks = self._streaks.to(device)
+        if self.window.counts.device != device:
+            self.window.to(device)
+            self.monitor.to(device)
             if self.clipper is not None:
                 self.clipper.to(device)
 
-    def _update_diagnosis(self, layer_stats: TensorStats, count_nonfinite: bool, frozen: Tensor) -> None:
-        """Advances the per-layer streaks, except on ``frozen`` (GradScaler overflow) steps, which say nothing."""
-        vanishing, exploding = self.rule.conditions(layer_stats, count_nonfinite=count_nonfinite)
-        if self._streaks is None or self._streaks.shape[1] != len(self.layers):
-            self._streaks = torch.zeros((2, len(self.layers)), device=layer_stats.table.device)
-        advanced = update_streaks(self._streaks, torch.stack([vanishing, exploding]))
-        self._streaks = torch.where(frozen, self._streaks, advanced)
-
-    def _intervene(
-        self, trainer: pl.Trainer, pending: _Step, grads: list[Tensor], nonfinite: Tensor, scaler_skips: bool
-    ) -> None:
+    def _intervene(self, pending: _Step, grads: list[Tensor], nonfinite: Tensor, scaler_skips: bool) -> None:
         if self.skip_nonfinite and not scaler_skips:
             bad = int(nonfinite.item())  # the one host read per step that skipping needs
             if bad:
@@ -502,35 +484,34 @@ class GradientFlowCallback(Callback):
                     pending.step, "skip_step", "all", f"{bad} non-finite gradient values; the step was skipped", bad, 0
                 )
                 return
+        norm = pending.total_norm
         if self.clip_mode == "agc":
             output = {id(p) for p in pending.params if self._layer_of[id(p)] == self.layers[-1]}
             keep = [(p, g) for p, g in zip(pending.params, grads, strict=True) if id(p) not in output]
-            pending.coef = 1 - agc_clip_(
-                [p for p, _ in keep], [g for _, g in keep], self.agc_clip_factor, self.agc_eps
-            ).to(pending.total_norm.device)
-            self._clipped += (pending.coef < 1).float()
+            fraction = agc_clip_([p for p, _ in keep], [g for _, g in keep], self.agc_clip_factor, self.agc_eps)
+            pending.coef = 1 - fraction.to(norm.device)
+            self.window.units_clipped(pending.coef < 1)
             return
         if self.clipper is not None:
             # a step with non-finite values (a GradScaler overflow) must not enter the clip statistics
-            threshold = self.clipper(
-                torch.where(nonfinite > 0, torch.full_like(pending.total_norm, math.inf), pending.total_norm)
-            )
+            threshold = self.clipper(torch.where(nonfinite > 0, torch.full_like(norm, math.inf), norm))
         else:
             assert self.clip_value is not None
-            threshold = torch.full((), self.clip_value, device=pending.total_norm.device)
-        coef = clip_coefficient(pending.total_norm, threshold)
-        torch._foreach_mul_(grads, coef)
+            threshold = torch.full((), self.clip_value, device=norm.device)
+        coef = clip_coefficient(norm, threshold)
+        scale_grads_(grads, coef)
         pending.threshold, pending.coef = threshold, coef
-        clipped = torch.isfinite(pending.total_norm) & (pending.total_norm > threshold)
-        self._clipped += clipped.float()
-        worse = clipped & (pending.total_norm > self._worst[0])
-        self._worst = torch.where(worse, torch.stack([pending.total_norm, pending.total_norm * coef]), self._worst)
+        self.window.clipped(norm, threshold, coef)
 
-    def _snapshot(self, params: list[Tensor]) -> None:
+    def _snapshot(self, params: list[Tensor]) -> bool:
+        """Copies the weights before the step, for the update ratio; False when a parameter is not dense."""
+        if any(p.layout != torch.strided for p in params):
+            return False
         missing = [p for p in params if id(p) not in self._snapshots]
         for p, s in zip(missing, make_snapshot(missing), strict=True):
             self._snapshots[id(p)] = s
         torch._foreach_copy_([self._snapshots[id(p)] for p in params], [p.detach() for p in params])
+        return True
 
     @override
     def on_train_batch_end(
@@ -543,87 +524,94 @@ class GradientFlowCallback(Callback):
                 if item.log and self._last is item:
                     self._last = None
 
+    # ------------------------------------------------------------------------------------------------ rollback
+
+    def rollback_state(self) -> dict[str, Any]:
+        """What a rollback to a snapshot taken now must restore: clip statistics and diagnosis streaks.
+
+        Device copies, no host sync (the channel asks for it whenever a snapshot is taken).
+        """
+        return {
+            "clipper": None if self.clipper is None else self.clipper.rollback_state(),
+            "streaks": self.monitor.rollback_state(),
+        }
+
+    def restore_rollback_state(self, state: dict[str, Any] | None, event: Event) -> None:
+        """Returns the clip statistics and streaks to those kept with the snapshot the run was rolled back to."""
+        for item in self._pending:  # the weights changed under the update-ratio snapshots of this step
+            item.snapshotted = False
+        if state is None:  # the snapshot predates this callback's first step: nothing of ours to restore
+            return
+        if self.clipper is not None and state["clipper"] is not None:
+            self.clipper.restore_rollback_state(state["clipper"])
+        self.monitor.restore_rollback_state(state["streaks"])
+
     # ------------------------------------------------------------------------------------------------ reporting
 
     def _report(self, trainer: pl.Trainer, item: _Step) -> None:
         device = item.total_norm.device
         num_layers = len(self.layers)
-        updates: UpdateStats | None = None
+        rows = self._rows(item.params, device)
+        parts: dict[str, Tensor] = {"layers": item.layer_stats.table}
         if item.snapshotted:
             updates = update_stats(item.params, [self._snapshots[id(p)] for p in item.params], backend=self.backend)
-            updates = updates.reduce_rows(self._rows(item.params, device), num_layers)
-        weights = None
-        if updates is None:
+            parts["updates"] = updates.reduce_rows(rows, num_layers).table
+        else:
             weights = tensor_stats([p.detach() for p in item.params], backend=self.backend)
-            weights = weights.reduce_rows(self._rows(item.params, device), num_layers)
-        assert self._streaks is not None
-        parts: dict[str, Tensor] = {
-            "layers": item.layer_stats.table,
-            "streaks": self._streaks,
-            "scalars": torch.cat(
-                [
-                    item.total_norm.float().reshape(1),
-                    item.window if item.window is not None else self._open_window(),
-                    torch.zeros(1, device=device) if item.threshold is None else item.threshold.float().reshape(1),
-                    torch.ones(1, device=device) if item.coef is None else item.coef.float().reshape(1),
-                ]
-            ),
-        }
-        if updates is not None:
-            parts["updates"] = updates.table
-        if weights is not None:
-            parts["weights"] = weights.table
+            parts["weights"] = weights.reduce_rows(rows, num_layers).table
+        if self.monitor.streaks is not None:
+            parts["streaks"] = self.monitor.streaks
+        window = item.window
+        if item.log and window is None:  # the unfinished window reported at the end of training
+            window = self.window.close()
+        if window is not None:
+            parts["window"], parts["first_nonfinite"] = window[0], window[1]
+        parts["scalars"] = torch.stack(
+            [
+                item.total_norm.float().reshape(()),
+                torch.zeros((), device=device) if item.threshold is None else item.threshold.float().reshape(()),
+                torch.ones((), device=device) if item.coef is None else item.coef.float().reshape(()),
+            ]
+        )
         if item.histograms is not None:
             parts["histograms"] = item.histograms.counts
         if item.tensor_zeros is not None:
             parts["tensor_zeros"] = item.tensor_zeros
         if item.abs_sums is not None:
             parts["abs_sums"] = item.abs_sums
-        host = _to_host(parts)  # the one device-to-host transfer of this logging step
+        host = to_host(parts)  # the one device-to-host transfer of this logging step
         if "tensor_zeros" in host:
             self._has_zeros = {
                 id(p): bool(z > 0) for p, z in zip(item.params, host["tensor_zeros"].tolist(), strict=True)
             }
-        steps_in_window = item.window_steps
-        if item.log and item.window is None:  # the unfinished window reported at the end of training
-            steps_in_window = self._steps_since_log
-            self._reset_window(device)
-
         layer_stats = TensorStats(host["layers"])
         present = [i for i in range(num_layers) if float(layer_stats.numel[i]) > 0]
-        scalars = host["scalars"].tolist()
-        streaks = host["streaks"]
-        vanishing = [i for i in present if streaks[0, i] >= self.rule.patience]
-        exploding = [i for i in present if streaks[1, i] >= self.rule.patience]
+        streaks = host.get("streaks", torch.zeros(2, num_layers))
+        vanishing, exploding = self.monitor.diagnosed(streaks, present)
         self._warn_new(item.step, vanishing, exploding, layer_stats)
-        if item.log:  # histogram- or figure-only steps leave the logging window open
-            self._record_window(item.step, scalars, steps_in_window)
-            metrics = self._metrics(item, host, layer_stats, present, scalars, len(vanishing), len(exploding))
-            self.last_metrics = metrics
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=item.step)
+        if item.log and window is not None:  # histogram- or figure-only steps leave the logging window open
+            counts = host["window"].tolist()
+            self._record_window(item.step, counts, int(host["first_nonfinite"]), window[2])
+            metrics = self._metrics(host, layer_stats, present, counts, len(vanishing), len(exploding))
+            self._log_metrics(trainer, metrics, item.step)
         self._write_tensorboard(trainer, item, host, layer_stats, present, set(vanishing), set(exploding))
-
-    def _open_window(self) -> Tensor:
-        return torch.cat([torch.stack([self._nonfinite, self._overflow, self._clipped]), self._worst])
 
     def _metrics(
         self,
-        item: _Step,
         host: dict[str, Tensor],
         layer_stats: TensorStats,
         present: list[int],
-        scalars: list[float],
+        window: list[float],
         num_vanishing: int,
         num_exploding: int,
     ) -> dict[str, float]:
-        total_norm, nonfinite, overflow, *_, threshold, coef = scalars
+        total_norm, threshold, coef = host["scalars"].tolist()
         metrics = {
             f"{FAMILY}/grad_norm_total": total_norm,
             f"{FAMILY}/vanishing_layers": float(num_vanishing),
             f"{FAMILY}/exploding_layers": float(num_exploding),
-            f"{FAMILY}/nonfinite_grads": nonfinite,
-            f"{FAMILY}/overflow_steps": overflow,
+            f"{FAMILY}/nonfinite_grads": window[LogWindow.NONFINITE],
+            f"{FAMILY}/overflow_steps": window[LogWindow.OVERFLOW],
             f"{FAMILY}/skipped_steps": float(self.skipped_steps),
             f"{FAMILY}/interventions": float(len(self.interventions)),
         }
@@ -639,7 +627,8 @@ class GradientFlowCallback(Callback):
             weight_norm, ratio = updates.param_norm, updates.ratio
         else:
             weight_norm, ratio = TensorStats(host["weights"]).norm, None
-        flow = flow_ratios(active_rms(layer_stats)[present].double()) if present else torch.zeros(0)
+        rms_active = active_rms(layer_stats)[present].double()
+        flow = flow_ratios(rms_active) if present else torch.zeros(0)
         for k, i in enumerate(present):
             layer = self.layers[i]
             metrics[f"{FAMILY}/grad_norm/{layer}"] = float(norm[i])
@@ -652,67 +641,54 @@ class GradientFlowCallback(Callback):
             if ratio is not None:
                 metrics[f"{FAMILY}/update_ratio/{layer}"] = float(ratio[i])
         if present:
-            rms_active = active_rms(layer_stats)
-            first, last = float(rms_active[present[0]]), float(rms_active[present[-1]])
-            metrics[f"{FAMILY}/flow_ratio_end_to_end"] = first / last if last > 0 else 0.0
+            metrics[f"{FAMILY}/flow_ratio_end_to_end"] = float(end_to_end_ratio(rms_active))
         return metrics
 
     def _warn_new(self, step: int, vanishing: list[int], exploding: list[int], layer_stats: TensorStats) -> None:
         if not vanishing and not exploding:
             return
         rms = active_rms(layer_stats)
-        output = float(rms[[i for i in range(len(self.layers)) if float(layer_stats.numel[i]) > 0][-1]])
+        last = max(i for i in range(len(self.layers)) if float(layer_stats.numel[i]) > 0)
+        output = float(rms[last])
         for kind, found, fix in [("vanishing", vanishing, _VANISHING_FIX), ("exploding", exploding, _EXPLODING_FIX)]:
             for i in found:
                 layer = self.layers[i]
-                if (kind, layer) in self._warned:
-                    continue
-                self._warned.add((kind, layer))
                 value = float(rms[i])
                 bad = int(layer_stats.nonfinite[i])
                 if bad:
                     measured = f"{bad} non-finite gradient values"
                 else:
-                    is_output = i == max(j for j in range(len(self.layers)) if float(layer_stats.numel[j]) > 0)
-                    relative = f", {value / output:.2g}× the output layer's" if output > 0 and not is_output else ""
+                    relative = f", {value / output:.2g}× the output layer's" if output > 0 and i != last else ""
                     measured = f"active gradient RMS {value:.3g}{relative}"
-                rank_zero_warn(
-                    f"{_NAME}: {kind} gradients in layer '{layer}' at step {step}: {measured}, for"
-                    f" {self.rule.patience}+ consecutive steps. Suggested fix: {fix}.",
-                    category=RuntimeWarning,
+                message = (
+                    f"{kind} gradients in layer '{layer}' at step {step}: {measured}, for {self.rule.patience}+"
+                    f" consecutive steps. Suggested fix: {fix}."
                 )
-                if kind == "exploding" and not self.auto_intervene:
-                    self._log.add(
-                        step,
-                        "clip",
-                        layer,
-                        f"exploding gradients; would clip with clip_mode={self.clip_mode!r}",
-                        value,
-                        math.nan,
-                        applied=False,
-                    )
+                if self._warn_once(f"{kind}:{layer}", message) and kind == "exploding" and not self.auto_intervene:
+                    reason = f"exploding gradients; would clip with clip_mode={self.clip_mode!r}"
+                    self._log.add(step, "clip", layer, reason, value, math.nan, applied=False)
 
-    def _record_window(self, step: int, scalars: list[float], steps_in_window: int) -> None:
-        _, nonfinite, overflow, clipped, worst_before, worst_after, _, _ = scalars
+    def _record_window(self, step: int, window: list[float], first_nonfinite: int, steps: int) -> None:
+        nonfinite, overflow, clipped, worst_before, worst_after = window
         if clipped > 0:
             if self.clip_mode == "agc":
-                reason = f"AGC clipped units on {int(clipped)} of the last {steps_in_window} steps"
+                reason = f"AGC clipped units on {int(clipped)} of the last {steps} steps"
                 before, after = math.nan, math.nan
             else:
                 reason = (
-                    f"{int(clipped)} of the last {steps_in_window} steps had a global gradient norm above the"
+                    f"{int(clipped)} of the last {steps} steps had a global gradient norm above the"
                     f" {self.clip_mode} threshold; the largest is shown"
                 )
                 before, after = worst_before, worst_after
             self._log.add(step, "clip", "all", reason, before, after)
-        if nonfinite > 0 and not self.auto_intervene and overflow == 0 and ("nonfinite", "all") not in self._warned:
-            self._warned.add(("nonfinite", "all"))
-            rank_zero_warn(
-                f"{_NAME}: {int(nonfinite)} non-finite gradient values before step {step}. With"
-                " `auto_intervene=True` such steps are skipped before they reach the weights.",
-                category=RuntimeWarning,
+        if nonfinite > 0 and not self.auto_intervene and overflow == 0:
+            at = first_nonfinite if first_nonfinite >= 0 else step
+            message = (
+                f"{int(nonfinite)} non-finite gradient values from step {at} (counted up to step {step}). With"
+                " `auto_intervene=True` such steps are skipped before they reach the weights."
             )
-            self._log.add(step, "skip_step", "all", "non-finite gradients", nonfinite, 0.0, applied=False)
+            if self._warn_once("nonfinite:all", message):
+                self._log.add(at, "skip_step", "all", "non-finite gradients", nonfinite, 0.0, applied=False)
 
     def _write_tensorboard(
         self,
@@ -733,7 +709,8 @@ class GradientFlowCallback(Callback):
             if "histograms" in host:
                 for i in present:
                     raw = tensorboard_histogram(host["histograms"][i], spec, TensorStats(host["layers"][i : i + 1]))
-                    tb.add_histogram(logger, f"{FAMILY}/grad_hist/{self.layers[i]}", raw, item.step)
+                    write = partial(tb.add_histogram, logger, f"{FAMILY}/grad_hist/{self.layers[i]}", raw, item.step)
+                    self._tensorboard(trainer, "add_histogram", write, item.step)
             if "abs_sums" in host and present:
                 numel = layer_stats.numel
                 figure = tb.gradient_flow_figure(
@@ -744,9 +721,11 @@ class GradientFlowCallback(Callback):
                     [i in exploding for i in present],
                     title=f"gradient flow at step {item.step}",
                 )
-                tb.add_figure(logger, f"{FAMILY}/flow", figure, item.step)
+                write = partial(tb.add_figure, logger, f"{FAMILY}/flow", figure, item.step)
+                self._tensorboard(trainer, "add_figure", write, item.step)
             if new:
-                tb.add_interventions(logger, FAMILY, new, item.step)
+                write = partial(tb.add_interventions, logger, FAMILY, new, item.step)
+                self._tensorboard(trainer, "add_text", write, item.step)
 
     # ----------------------------------------------------------------------------------------------------- state
 
@@ -757,46 +736,36 @@ class GradientFlowCallback(Callback):
             "interventions": self._log.state_dict(),
             "skipped_steps": self.skipped_steps,
             "warned": sorted(self._warned),
-            "streaks": None if self._streaks is None else self._streaks.cpu().tolist(),
+            "streaks": self.monitor.state_dict(),
             "clipper": None if self.clipper is None else self.clipper.state_dict(),
-            "window": {
-                "nonfinite": float(self._nonfinite),
-                "overflow": float(self._overflow),
-                "clipped": float(self._clipped),
-                "worst": self._worst.cpu().tolist(),
-                "steps": self._steps_since_log,
-            },
+            "window": self.window.state_dict(),
         }
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.layers = list(state_dict["layers"])
-        self._log.load_state_dict(state_dict["interventions"])
-        self.skipped_steps = int(state_dict["skipped_steps"])
-        self._warned = {(str(w[0]), str(w[1])) for w in state_dict["warned"]}
-        streaks = state_dict["streaks"]
-        self._streaks = None if streaks is None else torch.tensor(streaks)
-        if self.clipper is not None and state_dict["clipper"] is not None:
-            self.clipper.load_state_dict(state_dict["clipper"])
-        self._window_state = state_dict.get("window")
-        if self._window_state is not None:
-            self._load_window(self._window_state)
-
-    def _load_window(self, window: dict[str, Any]) -> None:
-        self._nonfinite.fill_(window["nonfinite"])
-        self._overflow.fill_(window["overflow"])
-        self._clipped.fill_(window["clipped"])
-        self._worst = torch.tensor(window["worst"], dtype=torch.float32)
-        self._steps_since_log = int(window["steps"])
-
-
-def _to_host(parts: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Copies every tensor to the host in one transfer (packed into one float64 buffer, then split)."""
-    flat = torch.cat([t.reshape(-1).double() for t in parts.values()])
-    host = flat.cpu()
-    out, offset = {}, 0
-    for name, t in parts.items():
-        n = t.numel()
-        out[name] = host[offset : offset + n].view(t.shape).to(torch.float32 if t.is_floating_point() else torch.long)
-        offset += n
-    return out
+    def _load_state(self, state: dict[str, Any]) -> None:
+        layers = state["layers"]
+        if not isinstance(layers, list) or not all(isinstance(layer, str) for layer in layers):
+            raise TypeError(f"`layers` must be a list of layer names, got {layers!r:.200}")
+        skipped = state["skipped_steps"]
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise ValueError(f"`skipped_steps` must be a count >= 0, got {skipped!r}")
+        # warnings given, as "kind:layer" keys (older checkpoints saved [kind, layer] pairs)
+        warned = {w if isinstance(w, str) else f"{w[0]}:{w[1]}" for w in state["warned"]}
+        window = LogWindow()
+        if state.get("window") is not None:
+            window.load_state_dict(state["window"])
+        clipper = self._new_clipper()
+        if clipper is not None and state["clipper"] is not None:
+            clipper.load_state_dict(state["clipper"])
+        monitor = FlowMonitor(self.rule)
+        monitor.load_state_dict(state["streaks"], len(layers))
+        self._log.load_state_dict(state["interventions"])
+        # everything checked: apply
+        self.layers, self.skipped_steps, self.window, self.clipper, self.monitor = (
+            list(layers),
+            skipped,
+            window,
+            clipper,
+            monitor,
+        )
+        self._warned |= warned

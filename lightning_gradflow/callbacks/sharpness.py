@@ -1,57 +1,80 @@
-"""SharpnessCallback: loss-landscape curvature during training, and learning-rate control at the edge of stability."""
+"""SharpnessCallback: loss-landscape curvature during training, and learning-rate control at the edge of stability.
+
+A thin shell: what a probe measures is :class:`~lightning_gradflow.curvature.ProbePlan`, when the learning rate changes
+is :class:`~lightning_gradflow.curvature.StabilityController`; here are the hooks, the probe's isolation from training,
+the all-reduce, applying the factor and logging.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_gradflow import tensorboard as tb
-from lightning_gradflow.callbacks._common import (
-    check_bool,
-    check_choice,
-    check_float_in,
-    check_positive_float,
-    check_positive_int,
-    refuse_sharded_strategy,
-)
+from lightning_gradflow.callbacks._base import HealthCallback, is_probe_step, to_host
+from lightning_gradflow.callbacks._common import check_bool, check_choice, check_positive_int, refuse_sharded_strategy
 from lightning_gradflow.curvature import (
+    DEFAULT_INCREASE_BELOW,
+    DEFAULT_LR_FACTOR,
+    DEFAULT_MARGIN,
+    DEFAULT_MIN_LR_FACTOR,
+    DEFAULT_PATIENCE,
     DEFAULT_SCALES,
+    METRICS,
+    ProbePlan,
     SharpnessClass,
+    StabilityController,
+    StabilityDecision,
     StabilityRule,
+    WarmStart,
     fixed_dropout,
-    hessian_eigenvalues,
-    hessian_trace,
     isolated,
     optimizer_preconditioner,
-    preconditioned_batch_sharpness,
-    preconditioned_sharpness,
-    random_sharpness,
-    sam_sharpness,
     stability_rule,
 )
-from lightning_gradflow.interventions import Intervention, InterventionLog, scale_learning_rate
+from lightning_gradflow.curvature._checks import check_int
+from lightning_gradflow.interventions import InterventionLog, scale_learning_rate
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
+    from lightning_gradflow.channel import Event
+
+__all__ = ["FAMILY", "MAX_SEED", "METRICS", "SharpnessCallback"]
+
 FAMILY = "sharpness"
-_NAME = "SharpnessCallback"
-METRICS: tuple[str, ...] = ("lambda_max", "lambda_min", "trace", "batch_sharpness", "sam", "random", "stability_ratio")
+#: The largest ``seed``: the probe at step ``t`` seeds torch with ``seed + t``, which must stay below ``2**64``.
+MAX_SEED = 2**63 - 1
 _CLASS_INDEX = {label: float(i) for i, label in enumerate(SharpnessClass)}
+_LAYOUT: dict[str, Sequence[str]] = {
+    "edge of stability: sharpness vs threshold": [
+        f"{FAMILY}/lambda_max",
+        f"{FAMILY}/batch_sharpness",
+        f"{FAMILY}/preconditioned",
+        f"{FAMILY}/threshold",
+    ],
+    "stability ratio (measured / threshold)": [f"{FAMILY}/stability_ratio"],
+    "smallest eigenvalue": [f"{FAMILY}/lambda_min"],
+    "trace (± stderr)": [f"{FAMILY}/trace"],
+    "SAM sharpness": [f"{FAMILY}/sam"],
+    "random-perturbation sharpness": [f"{FAMILY}/random/", f"{FAMILY}/class"],
+    "learning-rate factor": [f"{FAMILY}/lr_factor", f"{FAMILY}/interventions"],
+}
 
 
-class SharpnessCallback(Callback):
+class SharpnessCallback(HealthCallback):
     r"""Measures the curvature of the training loss and keeps the learning rate below the edge of stability.
 
     Every ``every_n_steps`` optimizer steps (see :meth:`should_compute`), right after the step (in
@@ -97,14 +120,27 @@ class SharpnessCallback(Callback):
     Adam the ratio is logged from the start but acted on only after ``1/(1 − β₁)`` steps (10 for β₁ = 0.9): before,
     the momentum the threshold is derived for has not built up and the preconditioner changes fast.
 
-    **Control** (``auto_intervene=True``): when the ratio exceeds ``margin`` on ``patience`` consecutive probes, every
-    learning rate is multiplied by ``lr_factor`` — scheduler-safe, through
-    :func:`~lightning_gradflow.interventions.scale_learning_rate` (param groups and the schedulers' base values, so
-    LambdaLR/OneCycleLR continue from the scaled values) — never below ``min_lr_factor`` of the original. With
-    ``allow_increase`` it is raised again by ``1/lr_factor`` when the ratio stays below ``increase_below``, never above
-    the original (the cumulative factor stays ≤ 1). Each change is an :class:`~lightning_gradflow.Intervention` with
-    the first group's learning rate before and after. Without ``auto_intervene`` it warns once and records what it
-    would do (``applied=False``); the run is bitwise unchanged.
+    **Control** (``auto_intervene=True``), decided by :class:`~lightning_gradflow.curvature.StabilityController`:
+    when the ratio exceeds ``margin`` on ``patience`` consecutive probes, every learning rate is multiplied by
+    ``lr_factor`` — scheduler-safe, through :func:`~lightning_gradflow.interventions.scale_learning_rate` (param groups
+    and the schedulers' base values, so LambdaLR/OneCycleLR continue from the scaled values) — never below
+    ``min_lr_factor`` of the original. With ``allow_increase`` it is raised again by ``1/lr_factor`` when the ratio
+    stays below ``increase_below``, never above the original (the cumulative factor stays ≤ 1). Each change is an
+    :class:`~lightning_gradflow.Intervention` with the first group's learning rate before and after. Without
+    ``auto_intervene`` it warns once and records what it would do (``applied=False``); the run is bitwise unchanged.
+    The cumulative factor belongs to one fit: a second ``fit()`` of the same instance (whose optimizers start from
+    ``configure_optimizers`` again) starts at 1, a fit resumed from a checkpoint continues from the saved factor.
+
+    **Rollbacks**: the callback takes part in the trainer's channel
+    (:class:`~lightning_gradflow.channel.StepChannel`): when another callback (EarlyCollapseCallback) rolls the
+    optimizer back to a snapshot, this callback's factor and streaks return to what they were when the snapshot was
+    taken, so ``cumulative_factor``, the logged ``sharpness/lr_factor`` and the ``min_lr_factor`` floor match the
+    restored learning rates.
+
+    **Never breaks the run**: a probe that cannot measure (``training_step`` returned None, a non-finite loss, a loss
+    without a graph, an error inside the products) logs NaN with one warning naming the reason; a logger that raises
+    is warned about once and skipped. A loss that is linear in the weights has a zero Hessian: λ = 0 is logged. Sparse
+    gradients (``nn.Embedding(sparse=True)``) are made dense inside the probe, so every metric is exact for them.
 
     **What a probe does to training: nothing.** It runs under
     :func:`~lightning_gradflow.curvature.isolated` (weights, ``.grad``, buffers such as BatchNorm statistics, and
@@ -150,18 +186,21 @@ class SharpnessCallback(Callback):
             have a double backward) or ``"finite_difference"`` (central differences of two gradients, no graph kept;
             runs the training kernels, e.g. fused attention; its step is relative to the scale of the parameter
             tensors each direction moves, see :class:`~lightning_gradflow.curvature.HessianVectorProduct`).
-        num_hvps: the most Lanczos steps (products) of each λ_max/λ_min estimate. λ_max alone runs plain Lanczos
-            (no reorthogonalisation, ``O(parameters)`` per step; with ``warm_start`` its vectors are kept to form the
+        num_hvps: the most Lanczos steps (products) of each λ_max/λ_min estimate, in ``[1, 10000]``
+            (:data:`~lightning_gradflow.curvature.MAX_HVPS`). λ_max alone runs plain Lanczos (no
+            reorthogonalisation, ``O(parameters)`` per step; with ``warm_start`` its vectors are kept to form the
             Ritz vector, ``O(products × parameters)`` memory); with ``"lambda_min"`` the basis is kept and fully
             reorthogonalised, which costs ``O(num_hvps × parameters)`` memory and time per step.
         lanczos_tol: stop a Lanczos run early once its estimate changes by less than this (relative) in one step;
             ``None``: always ``num_hvps`` products.
         warm_start: start each λ_max (and λ_min) estimate from the previous probe's top Ritz vector (see above).
-        trace_hvps: products of each trace estimate (≥ 3).
-        sam_rho: radius ρ of the SAM perturbation.
+        trace_hvps: products of each trace estimate, in ``[3, 10000]``.
+        sam_rho: radius ρ of the SAM perturbation, in ``(0, 1000]``
+            (:data:`~lightning_gradflow.curvature.MAX_PERTURBATION`).
         sam_adaptive: use ASAM's scale-invariant perturbation.
-        random_scales: relative perturbation sizes of ``random``.
-        random_directions: random directions per scale.
+        random_scales: relative perturbation sizes of ``random``, each in ``(0, 1000]``.
+        random_directions: random directions per scale, in ``[1, 10000]``
+            (:data:`~lightning_gradflow.curvature.MAX_DIRECTIONS`).
         auto_intervene: scale the learning rate; otherwise only observe, warn and record.
         margin: the ratio above which a probe counts as unstable (> 0; 1 is the threshold itself).
         patience: consecutive unstable (or, for increases, calm) probes before acting.
@@ -170,7 +209,8 @@ class SharpnessCallback(Callback):
             below ``increase_below``.
         increase_below: the calm mark for ``allow_increase``, in (0, ``margin``).
         min_lr_factor: the cumulative factor is never taken below this, in (0, 1].
-        seed: seed of the probes' own random streams (start vectors, probe directions, dropout masks).
+        seed: seed of the probes' own random streams (start vectors, probe directions, dropout masks), in
+            ``[0, 2**63 - 1]`` (the probe at step ``t`` seeds with ``seed + t``, which torch needs below ``2**64``).
 
     Raises:
         TypeError: for an argument of the wrong type.
@@ -192,6 +232,8 @@ class SharpnessCallback(Callback):
               init_args: {every_n_steps: 200, metrics: [lambda_max, trace, stability_ratio], auto_intervene: true}
     """
 
+    family = FAMILY
+
     def __init__(
         self,
         every_n_steps: int = 200,
@@ -208,53 +250,47 @@ class SharpnessCallback(Callback):
         random_scales: Sequence[float] = DEFAULT_SCALES,
         random_directions: int = 4,
         auto_intervene: bool = False,
-        margin: float = 1.1,
-        patience: int = 2,
-        lr_factor: float = 0.5,
+        margin: float = DEFAULT_MARGIN,
+        patience: int = DEFAULT_PATIENCE,
+        lr_factor: float = DEFAULT_LR_FACTOR,
         allow_increase: bool = False,
-        increase_below: float = 0.5,
-        min_lr_factor: float = 1e-3,
+        increase_below: float = DEFAULT_INCREASE_BELOW,
+        min_lr_factor: float = DEFAULT_MIN_LR_FACTOR,
         seed: int = 0,
     ) -> None:
+        super().__init__()
         check_positive_int("every_n_steps", every_n_steps)
         if isinstance(metrics, str) or not isinstance(metrics, Iterable):
             raise TypeError(f"Expected `metrics` to be a tuple of str, but got {metrics!r}.")
         metrics = tuple(metrics)
         if not all(isinstance(m, str) for m in metrics):
             raise TypeError(f"Expected `metrics` to be a tuple of str, but got {metrics!r}.")
-        unknown = [m for m in metrics if m not in METRICS]
-        if unknown or not metrics:
-            raise ValueError(f"Expected `metrics` to be a non-empty selection of {METRICS}, but got {tuple(metrics)}.")
         check_choice("probe", probe, ("batch", "fixed"))
         check_choice("stability_metric", stability_metric, ("auto", "lambda_max", "batch_sharpness"))
         check_choice("hvp", hvp, ("finite_difference", "double_backward"))
-        check_positive_int("num_hvps", num_hvps)
-        check_positive_float("lanczos_tol", lanczos_tol, allow_none=True)
         check_bool("warm_start", warm_start)
-        check_positive_int("trace_hvps", trace_hvps)
-        if trace_hvps < 3:
-            raise ValueError(f"Expected `trace_hvps` >= 3 (Hutch++ needs three thirds), but got {trace_hvps}.")
-        check_positive_float("sam_rho", sam_rho)
-        check_bool("sam_adaptive", sam_adaptive)
         if isinstance(random_scales, str) or not isinstance(random_scales, Iterable):
             raise TypeError(f"Expected `random_scales` to be a non-empty tuple of floats, but got {random_scales!r}.")
-        random_scales = tuple(random_scales)
-        if not random_scales:
-            raise TypeError(f"Expected `random_scales` to be a non-empty tuple of floats, but got {random_scales!r}.")
-        for scale in random_scales:
-            check_positive_float("random_scales", scale)
-        check_positive_int("random_directions", random_directions)
+        #: what a probe measures, and how (pure; validates `num_hvps` ... `random_directions` against their bounds)
+        self._plan_template = ProbePlan(
+            tuple(dict.fromkeys(metrics)),
+            hvp=hvp,
+            num_hvps=num_hvps,
+            lanczos_tol=lanczos_tol,
+            trace_hvps=trace_hvps,
+            sam_rho=sam_rho,
+            sam_adaptive=sam_adaptive,
+            random_scales=tuple(random_scales),
+            random_directions=random_directions,
+        )
         check_bool("auto_intervene", auto_intervene)
-        check_positive_float("margin", margin)
-        check_positive_int("patience", patience)
-        check_float_in("lr_factor", lr_factor, 0.0, 1.0)
-        check_bool("allow_increase", allow_increase)
-        check_float_in("increase_below", increase_below, 0.0, float(margin))
-        check_float_in("min_lr_factor", min_lr_factor, 0.0, 1.0, closed_high=True)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"Expected `seed` to be an int, but got {type(seed).__name__}: {seed!r}.")
+        #: the learning-rate decisions (pure; validates `margin` ... `min_lr_factor`)
+        self.controller = StabilityController(
+            margin, patience, lr_factor, allow_increase, increase_below, min_lr_factor
+        )
+        check_int("seed", seed, 0, MAX_SEED, "torch seeds each probe with `seed + step`, below 2**64")
         self.every_n_steps = every_n_steps
-        self.metrics = tuple(dict.fromkeys(metrics))
+        self.metrics = self._plan_template.metrics
         self.probe = probe
         self.stability_metric = stability_metric
         self.hvp = hvp
@@ -267,31 +303,50 @@ class SharpnessCallback(Callback):
         self.random_scales = tuple(float(s) for s in random_scales)
         self.random_directions = random_directions
         self.auto_intervene = auto_intervene
-        self.margin = float(margin)
-        self.patience = patience
-        self.lr_factor = float(lr_factor)
-        self.allow_increase = allow_increase
-        self.increase_below = float(increase_below)
-        self.min_lr_factor = float(min_lr_factor)
         self.seed = seed
-        self._log = InterventionLog(_NAME)
-        self.cumulative_factor = 1.0
-        self.last_metrics: dict[str, float] = {}  # the most recent probe's logged values
         self.last_rule: StabilityRule | None = None
-        self._high_streak = 0
-        self._low_streak = 0
-        self._warned: set[str] = set()
         self._pending_step: int | None = None
-        self._fixed_batch: Any = None
-        self._user_batch = False
-        # warm start: the last top Ritz vector and the (shapes, dtype, device) of the parameters it belongs to
-        self._ritz_vector: Tensor | None = None
-        self._ritz_key: tuple[Any, ...] | None = None
+        self._user_batch: Any = None  # given with `set_probe_batch`, kept across fits
+        self._fixed_batch: Any = None  # this fit's fixed probe batch, on the module's device
+        self._warm = WarmStart()  # warm start: the last top Ritz vector (not saved in checkpoints)
+        self._fit_start_state = self.controller.state_dict()
+
+    # the controller's settings and state, under the names of the constructor arguments
 
     @property
-    def interventions(self) -> list[Intervention]:
-        """Every learning-rate change made (or, without ``auto_intervene``, that would have been made)."""
-        return self._log.records
+    def margin(self) -> float:
+        """See the constructor."""
+        return self.controller.margin
+
+    @property
+    def patience(self) -> int:
+        """See the constructor."""
+        return self.controller.patience
+
+    @property
+    def lr_factor(self) -> float:
+        """See the constructor."""
+        return self.controller.lr_factor
+
+    @property
+    def allow_increase(self) -> bool:
+        """See the constructor."""
+        return self.controller.allow_increase
+
+    @property
+    def increase_below(self) -> float:
+        """See the constructor."""
+        return self.controller.increase_below
+
+    @property
+    def min_lr_factor(self) -> float:
+        """See the constructor."""
+        return self.controller.min_lr_factor
+
+    @property
+    def cumulative_factor(self) -> float:
+        """The product of every learning-rate factor applied in this fit (1: the learning rates as configured)."""
+        return self.controller.cumulative_factor
 
     # ----------------------------------------------------------------------------------------------- lifecycle
 
@@ -302,7 +357,7 @@ class SharpnessCallback(Callback):
 
     def should_compute(self, step: int) -> bool:
         """Whether to probe after optimizer step ``step``; override for another schedule (must agree on all ranks)."""
-        return step % self.every_n_steps == 0
+        return is_probe_step(step, self.every_n_steps)
 
     def loss_fn(self, pl_module: pl.LightningModule, batch: Any) -> Tensor:
         """The scalar loss whose curvature is measured, recomputed from the current weights.
@@ -317,7 +372,7 @@ class SharpnessCallback(Callback):
             raise _SkippedBatchError
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise MisconfigurationException(
-                f"{_NAME}: `training_step` returned {type(out).__name__}, not a scalar loss tensor (or a dict with"
+                f"{self.name}: `training_step` returned {type(out).__name__}, not a scalar loss tensor (or a dict with"
                 " one under 'loss'). Override `SharpnessCallback.loss_fn(pl_module, batch)` to return the loss."
             )
         return loss.reshape(())
@@ -326,41 +381,41 @@ class SharpnessCallback(Callback):
         """Use ``batch`` (on any device; it is moved to the module's) as the fixed probe batch (``probe="fixed"``)."""
         if self.probe != "fixed":
             raise MisconfigurationException(
-                f"{_NAME}.set_probe_batch() needs `probe='fixed'`, but the callback has probe={self.probe!r}."
+                f"{self.name}.set_probe_batch() needs `probe='fixed'`, but the callback has probe={self.probe!r}."
             )
-        self._fixed_batch = batch
-        self._user_batch = True
+        self._user_batch = batch
+        self._fixed_batch = None
+
+    @override
+    def _reset_fit_state(self) -> None:
+        # a new fit builds its optimizers from `configure_optimizers`: the learning rates are the configured ones
+        self.controller.reset()
+        self.last_rule = None
+        self._pending_step = None
+        self._fixed_batch = None
+        self._warm.clear()
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_sharded_strategy(trainer, _NAME, reads="whole parameters and gradients")
+        super().setup(trainer, pl_module, stage)
+        refuse_sharded_strategy(trainer, self.name, reads="whole parameters and gradients")
         if not pl_module.automatic_optimization and type(self).loss_fn is SharpnessCallback.loss_fn:
             raise MisconfigurationException(
-                f"{_NAME} calls `training_step` to get the loss, which under manual optimization would step the"
+                f"{self.name} calls `training_step` to get the loss, which under manual optimization would step the"
                 " optimizer. Subclass it and override `loss_fn(pl_module, batch)` to return the loss without"
                 " stepping, or use automatic optimization."
             )
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)  # joins the channel: rollbacks hand back `rollback_state()`
+        self._fit_start_state = self.controller.state_dict()  # after a checkpoint restore: this fit's start
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for logger in tb.tensorboard_loggers(trainer):
-            tb.add_layout_category(
-                logger,
-                FAMILY,
-                {
-                    "edge of stability: sharpness vs threshold": [
-                        f"{FAMILY}/lambda_max",
-                        f"{FAMILY}/batch_sharpness",
-                        f"{FAMILY}/preconditioned",
-                        f"{FAMILY}/threshold",
-                    ],
-                    "stability ratio (measured / threshold)": [f"{FAMILY}/stability_ratio"],
-                    "smallest eigenvalue": [f"{FAMILY}/lambda_min"],
-                    "trace (± stderr)": [f"{FAMILY}/trace"],
-                    "SAM sharpness": [f"{FAMILY}/sam"],
-                    "random-perturbation sharpness": [f"{FAMILY}/random/", f"{FAMILY}/class"],
-                    "learning-rate factor": [f"{FAMILY}/lr_factor", f"{FAMILY}/interventions"],
-                },
+            self._tensorboard(
+                trainer, "add_custom_scalars", partial(tb.add_layout_category, logger, FAMILY, _LAYOUT), 0
             )
 
     # --------------------------------------------------------------------------------------------------- probe
@@ -370,60 +425,47 @@ class SharpnessCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         # Once per optimizer step (after accumulation): remember which step this is; the probe runs after it.
+        # (Two optimizers under manual optimization step twice per batch: a probe is due if either step asks for it.)
         step = trainer.global_step
-        self._pending_step = step if self.should_compute(step) else None
+        if self.should_compute(step):
+            self._pending_step = step
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.probe == "fixed" and self._fixed_batch is None:
-            self._fixed_batch = apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
+            source = batch if self._user_batch is None else self._user_batch
+            self._fixed_batch = apply_to_collection(source, Tensor, lambda t: t.detach().clone().to(pl_module.device))
         step, self._pending_step = self._pending_step, None
         if step is None:
             return
         if not any(p.requires_grad for p in pl_module.parameters()):  # the same on every rank: no collective skipped
             self._warn_once(
                 "no_parameters",
-                f"{_NAME}: the module has no trainable parameters, so there is no curvature to measure; nothing is"
-                " logged. Unfreeze parameters, or remove the callback.",
+                "the module has no trainable parameters, so there is no curvature to measure; nothing is logged."
+                " Unfreeze parameters, or remove the callback.",
             )
             return
-        probe_batch = batch if self.probe == "batch" else self._fixed_batch
-        if self._user_batch and self.probe == "fixed":
-            probe_batch = apply_to_collection(probe_batch, Tensor, lambda t: t.to(pl_module.device))
-            self._fixed_batch, self._user_batch = probe_batch, False
         rule = self._rule(trainer)
-        quantity = self._stability_quantity(trainer)
-        try:
-            measured = self._measure(trainer, pl_module, probe_batch, step, rule, quantity)
-        except RuntimeError as error:  # never stop training from inside a hook: report NaN (same keys on every rank)
-            self._ritz_vector = self._ritz_key = None
-            self._warn_once(
-                "failed",
-                f"{_NAME}: the probe at step {step} failed ({type(error).__name__}: {error}); logging NaN. With"
-                f" `hvp={self.hvp!r}`, try `hvp='finite_difference'` (no double backward: it works with kernels and"
-                " compiled code that cannot be differentiated twice), or override `loss_fn` to run the model eagerly.",
-            )
-            measured = dict.fromkeys(self._keys(rule, quantity), math.nan)
-        # One all-reduce: every rank logs and decides on the same numbers.
-        names = list(measured)
-        local = torch.tensor([measured[n] for n in names], dtype=torch.float64, device=pl_module.device)
-        reduced = trainer.strategy.reduce(local, reduce_op="mean")
-        values = dict(zip(names, reduced.cpu().tolist(), strict=True))
-        metrics = self._metrics(values, rule, quantity)
-        ratio = metrics.get(f"{FAMILY}/stability_ratio", math.nan)
-        self._decide(trainer, step, ratio, rule, quantity, values)
+        plan = self._plan(trainer, rule)
+        measured = self._measure(trainer, pl_module, batch if self.probe == "batch" else self._fixed_batch, step, plan)
+        # One all-reduce, one transfer: every rank logs and decides on the same numbers.
+        names = list(dict.fromkeys(plan.keys()))
+        local = torch.tensor([measured.get(n, math.nan) for n in names], dtype=torch.float64, device=pl_module.device)
+        reduced = to_host({"values": trainer.strategy.reduce(local, reduce_op="mean")})["values"]
+        values = dict(zip(names, reduced.tolist(), strict=True))
+        metrics = self._metrics(values, rule, plan)
+        self._control(trainer, step, metrics.get(f"{FAMILY}/stability_ratio", math.nan), rule, plan, values)
         metrics[f"{FAMILY}/lr_factor"] = self.cumulative_factor
         metrics[f"{FAMILY}/interventions"] = float(sum(1 for r in self._log.records if r.applied))
-        self.last_metrics = metrics
         self.last_rule = rule
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        self._log_metrics(trainer, metrics, step)
         new = self._log.unreported()
-        if new:
-            for logger in tb.tensorboard_loggers(trainer):
-                tb.add_interventions(logger, FAMILY, new, step)
+        for logger in tb.tensorboard_loggers(trainer) if new else ():
+            self._tensorboard(
+                trainer, "add_interventions", partial(tb.add_interventions, logger, FAMILY, new, step), step
+            )
 
     def _rule(self, trainer: pl.Trainer) -> StabilityRule:
         if len(trainer.optimizers) != 1:
@@ -433,166 +475,88 @@ class SharpnessCallback(Callback):
         if not rule.known and "stability_ratio" in self.metrics:
             self._warn_once(
                 "unknown_rule",
-                f"{_NAME}: {rule.reason}, so `sharpness/stability_ratio` is logged as NaN and the learning rate is"
-                " never changed. The other sharpness metrics are still measured.",
+                f"{rule.reason}, so `sharpness/stability_ratio` is logged as NaN and the learning rate is never"
+                " changed. The other sharpness metrics are still measured.",
             )
         return rule
 
-    def _stability_quantity(self, trainer: pl.Trainer) -> str:
-        if self.stability_metric != "auto":
-            return self.stability_metric
-        full_batch = trainer.num_training_batches == 1 and trainer.accumulate_grad_batches == 1
-        return "lambda_max" if full_batch else "batch_sharpness"
+    def _plan(self, trainer: pl.Trainer, rule: StabilityRule) -> ProbePlan:
+        quantity = self.stability_metric
+        if quantity == "auto":
+            full_batch = trainer.num_training_batches == 1 and trainer.accumulate_grad_batches == 1
+            quantity = "lambda_max" if full_batch else "batch_sharpness"
+        return dataclasses.replace(self._plan_template, quantity=quantity, preconditioned=rule.preconditioned)
 
     def _measure(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        batch: Any,
-        step: int,
-        rule: StabilityRule,
-        quantity: str,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int, plan: ProbePlan
     ) -> dict[str, float]:
-        """The probe's raw (local) values; every rank returns the same keys."""
+        """The probe's raw (local) values; NaN for each when nothing can be measured; never raises (but for setup)."""
         params = [p for p in pl_module.parameters() if p.requires_grad]
         seed = self.seed + step
-        wanted = set(self.metrics)
         preconditioner = None
-        if "stability_ratio" in wanted and rule.preconditioned:
-            found = optimizer_preconditioner(trainer.optimizers[0], params)
-            if found is None:
-                self._warn_once("no_adam_state", f"{_NAME}: the optimizer has no second-moment state yet.")
-            preconditioner = found
-        out: dict[str, float] = {}
-
-        def generator() -> torch.Generator:
-            return torch.Generator().manual_seed(seed)
-
-        with self._probe_context(pl_module, params, seed):
-            loss = fixed_dropout(lambda: self._loss(pl_module, batch), seed)
-            try:
-                finite = bool(torch.isfinite(loss().detach()))
-            except _SkippedBatchError:  # `training_step` returned None for this batch: nothing to measure
-                self._warn_once("skipped", f"{_NAME}: `training_step` returned None on the probe batch; logging NaN.")
-                return dict.fromkeys(self._keys(rule, quantity), math.nan)
-            if not finite:  # a diverged run: report NaN (the same keys on every rank), never fail
-                self._warn_once("nonfinite", f"{_NAME}: the probe loss is not finite at step {step}; logging NaN.")
-                return dict.fromkeys(self._keys(rule, quantity), math.nan)
-            if params and params[0].dtype in (torch.float16, torch.bfloat16):
-                self._warn_once(
-                    "half",
-                    f"{_NAME}: the parameters are {params[0].dtype}, so the probe's Hessian-vector products are too"
-                    " (finite differences in half precision are coarse); prefer `hvp='double_backward'` or train"
-                    " with mixed precision (float32 weights).",
+        if "stability_ratio" in self.metrics and plan.preconditioned:
+            preconditioner = optimizer_preconditioner(trainer.optimizers[0], params)
+            if preconditioner is None:
+                self._warn_once("no_adam_state", "the optimizer has no second-moment state yet.")
+        try:
+            with self._probe_context(pl_module, params, seed):
+                loss = fixed_dropout(lambda: self._loss(pl_module, batch), seed)
+                if not self._measurable(loss, params, step):
+                    return plan.nan()
+                return plan.measure(loss, params, seed, preconditioner, self._warm if self.warm_start else None)
+        except MisconfigurationException:
+            raise
+        except _SkippedBatchError:  # `training_step` returned None for this batch: nothing to measure
+            self._warn_once("skipped", "`training_step` returned None on the probe batch; logging NaN.")
+            return plan.nan()
+        except Exception as error:  # never stop training from inside a hook: report NaN (same keys on every rank)
+            self._warm.clear()
+            if self.hvp == "double_backward":
+                advice = (
+                    "With `hvp='double_backward'`, try `hvp='finite_difference'` (no double backward: it works with"
+                    " kernels and compiled code that cannot be differentiated twice), or override `loss_fn` to run the"
+                    " model eagerly"
                 )
-            need_eig = bool(wanted & {"lambda_max", "lambda_min"}) or (
-                "stability_ratio" in wanted and quantity == "lambda_max" and not rule.preconditioned
+            else:
+                advice = (
+                    "The products already avoid double backward (`hvp='finite_difference'`), so the model fails at the"
+                    " probe's batch or perturbed weights: override `loss_fn`, or measure fewer `metrics`"
+                )
+            self._warn_once(
+                "failed", f"the probe at step {step} failed ({type(error).__name__}: {error}); logging NaN. {advice}."
             )
-            if need_eig:
-                which: Literal["largest", "both"] = "both" if "lambda_min" in wanted else "largest"
-                eig, vector = self._eigenvalues(loss, params, which, generator)
-                out["lambda_max"] = float(eig[0])
-                if which == "both":
-                    out["lambda_min"] = float(eig[-1])
-                self._keep_ritz_vector(params, vector if math.isfinite(out["lambda_max"]) else None)
-            if "batch_sharpness" in wanted or (
-                "stability_ratio" in wanted and quantity == "batch_sharpness" and not rule.preconditioned
-            ):
-                out["batch_sharpness"] = preconditioned_batch_sharpness(loss, params, None, self.hvp)
-            if "stability_ratio" in wanted and rule.preconditioned:
-                name = f"preconditioned_{quantity}"
-                if preconditioner is None:
-                    out[name] = math.nan
-                elif quantity == "lambda_max":
-                    out[name] = preconditioned_sharpness(
-                        loss,
-                        preconditioner[0],
-                        preconditioner[1],
-                        self.num_hvps,
-                        hvp=self.hvp,
-                        generator=generator(),
-                        tol=self.lanczos_tol,
-                        reorthogonalize=False,
-                    )
-                else:
-                    out[name] = preconditioned_batch_sharpness(loss, preconditioner[0], preconditioner[1], self.hvp)
-            if "trace" in wanted:
-                estimate = hessian_trace(loss, params, self.trace_hvps, hvp=self.hvp, generator=generator())
-                out["trace"], out["trace_stderr"] = estimate.value, estimate.stderr
-            if "sam" in wanted:
-                out["sam"] = sam_sharpness(loss, params, self.sam_rho, adaptive=self.sam_adaptive)
-            if "random" in wanted:
-                found_random = random_sharpness(
-                    loss, params, self.random_scales, self.random_directions, generator=generator()
-                )
-                for scale, increase in found_random.increases.items():
-                    out[f"random/{scale:g}"] = increase
-                out["random_score"] = found_random.score
-        return out
+            return plan.nan()
 
-    def _eigenvalues(
-        self,
-        loss: Callable[[], Tensor],
-        params: Sequence[Tensor],
-        which: Literal["largest", "both"],
-        generator: Callable[[], torch.Generator],
-    ) -> tuple[Tensor, Tensor | None]:
-        """λ_max (and λ_min) by Lanczos, warm-started; the top Ritz vector only with ``warm_start``."""
-        options: dict[str, Any] = {
-            "num_hvps": self.num_hvps,
-            "hvp": self.hvp,
-            "generator": generator(),
-            "tol": self.lanczos_tol,
-            "reorthogonalize": which == "both",  # λ_max alone needs no basis (see `lanczos`)
-        }
-        if not self.warm_start:  # no Lanczos vectors kept
-            return hessian_eigenvalues(loss, params, 1, which, **options), None
-        v0 = self._start_vector(params, which, generator())
-        return hessian_eigenvalues(loss, params, 1, which, **options, v0=v0, return_vector=True)
+    def _measurable(self, loss: Callable[[], Tensor], params: Sequence[Tensor], step: int) -> bool:
+        """Evaluates the probe loss once; warns (once per reason) and returns False when nothing can be measured.
 
-    @staticmethod
-    def _params_key(params: Sequence[Tensor]) -> tuple[Any, ...]:
-        return (tuple(tuple(p.shape) for p in params), params[0].dtype, params[0].device) if params else ()
-
-    def _start_vector(self, params: Sequence[Tensor], which: str, generator: torch.Generator) -> Tensor | None:
-        """The warm start of the next Lanczos run: the last top Ritz vector (mixed with a random one for λ_min)."""
-        vector = self._ritz_vector
-        if not self.warm_start or vector is None or self._ritz_key != self._params_key(params):
-            self._ritz_vector = self._ritz_key = None  # cold: nothing kept, or the parameters changed
-            return None
-        if which == "largest":
-            return vector
-        # λ_min too: equal parts of the old top vector and a random one (see the class docstring)
-        noise = torch.randn(vector.numel(), generator=generator, dtype=vector.dtype).to(vector.device)
-        return vector / torch.linalg.vector_norm(vector) + noise / torch.linalg.vector_norm(noise)
-
-    def _keep_ritz_vector(self, params: Sequence[Tensor], vector: Tensor | None) -> None:
-        if not self.warm_start or vector is None or not bool(torch.isfinite(vector).all()):
-            self._ritz_vector = self._ritz_key = None
-            return
-        self._ritz_vector = vector.detach()
-        self._ritz_key = self._params_key(params)
-
-    def _keys(self, rule: StabilityRule, quantity: str) -> list[str]:
-        """The raw keys :meth:`_measure` returns for this configuration (all ranks agree on them)."""
-        wanted = set(self.metrics)
-        ratio = "stability_ratio" in wanted
-        keys = []
-        if wanted & {"lambda_max", "lambda_min"} or (ratio and quantity == "lambda_max" and not rule.preconditioned):
-            keys.append("lambda_max")
-            if "lambda_min" in wanted:
-                keys.append("lambda_min")
-        if "batch_sharpness" in wanted or (ratio and quantity == "batch_sharpness" and not rule.preconditioned):
-            keys.append("batch_sharpness")
-        if ratio and rule.preconditioned:
-            keys.append(f"preconditioned_{quantity}")
-        if "trace" in wanted:
-            keys += ["trace", "trace_stderr"]
-        if "sam" in wanted:
-            keys.append("sam")
-        if "random" in wanted:
-            keys += [f"random/{scale:g}" for scale in self.random_scales] + ["random_score"]
-        return keys
+        Raises:
+            _SkippedBatchError: ``training_step`` returned None for the probe batch.
+        """
+        value = loss()
+        if not bool(torch.isfinite(value.detach())):  # a diverged run: report NaN, never fail
+            self._warn_once("nonfinite", f"the probe loss is not finite at step {step}; logging NaN.")
+            return False
+        if not value.requires_grad:
+            self._warn_once(
+                "no_graph",
+                "the probe loss does not depend on the trainable parameters (it has no grad_fn: `training_step`"
+                " detached it or computed it under `torch.no_grad()`), so there is no curvature to measure; logging"
+                " NaN. Return the loss with its graph, or override `loss_fn(pl_module, batch)`.",
+            )
+            return False
+        dtype = params[0].dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            if self.hvp == "finite_difference":
+                advice = "where finite differences are coarse: use `hvp='double_backward'` (exact products), or"
+            else:
+                advice = "which keeps only 2-3 significant digits: for accurate curvature"
+            self._warn_once(
+                "half",
+                f"the parameters are {dtype}, so the probe's Hessian-vector products are computed in {dtype}, {advice}"
+                " train with mixed precision (float32 weights: `precision='16-mixed'` or `'bf16-mixed'`).",
+            )
+        return True
 
     @contextlib.contextmanager
     def _probe_context(self, pl_module: pl.LightningModule, params: Sequence[Tensor], seed: int) -> Iterator[None]:
@@ -611,7 +575,7 @@ class SharpnessCallback(Callback):
         loss = self.loss_fn(pl_module, batch)
         return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
 
-    def _metrics(self, values: dict[str, float], rule: StabilityRule, quantity: str) -> dict[str, float]:
+    def _metrics(self, values: dict[str, float], rule: StabilityRule, plan: ProbePlan) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for name, value in values.items():
             if name == "random_score":
@@ -621,101 +585,94 @@ class SharpnessCallback(Callback):
             else:
                 metrics[f"{FAMILY}/{name}"] = value
         if "stability_ratio" in self.metrics:
-            measured = values.get(f"preconditioned_{quantity}" if rule.preconditioned else quantity, math.nan)
+            measured = values.get(plan.stability_key, math.nan)
             metrics[f"{FAMILY}/stability_ratio"] = rule.ratio(measured)
             metrics[f"{FAMILY}/threshold"] = rule.threshold
-            if quantity not in self.metrics and not rule.preconditioned:
-                metrics[f"{FAMILY}/{quantity}"] = measured
+            if plan.quantity not in self.metrics and not rule.preconditioned:
+                metrics[f"{FAMILY}/{plan.quantity}"] = measured
         return metrics
 
     # ------------------------------------------------------------------------------------------------- control
 
-    def _decide(
+    def _control(
         self,
         trainer: pl.Trainer,
         step: int,
         ratio: float,
         rule: StabilityRule,
-        quantity: str,
+        plan: ProbePlan,
         values: dict[str, float],
     ) -> None:
-        if math.isnan(ratio) or not rule.settled:
+        measured = values.get(plan.stability_key, math.nan)
+        what = f"{'preconditioned ' if rule.preconditioned else ''}{plan.quantity} {measured:.4g}"
+        detail = f"{what} vs threshold {rule.threshold:.4g} ({rule.kind}, lr {rule.lr:.4g})"
+        decision = self.controller.observe(ratio, rule.settled, detail)
+        if decision is None:
             return
-        self._high_streak = self._high_streak + 1 if ratio > self.margin else 0
-        self._low_streak = self._low_streak + 1 if ratio < self.increase_below else 0
-        measured = values.get(f"preconditioned_{quantity}" if rule.preconditioned else quantity, math.nan)
-        what = f"{'preconditioned ' if rule.preconditioned else ''}{quantity} {measured:.4g}"
-        if self._high_streak >= self.patience:
-            self._high_streak = 0
-            factor = max(self.lr_factor, self.min_lr_factor / self.cumulative_factor)
-            reason = (
-                f"stability ratio {ratio:.3g} > margin {self.margin:g} for {self.patience} probe(s): {what} vs"
-                f" threshold {rule.threshold:.4g} ({rule.kind}, lr {rule.lr:.4g})"
+        if decision.at_floor:
+            self._warn_once(
+                "floor",
+                f"step {step}: {decision.reason}, but the learning rate is already at `min_lr_factor="
+                f"{self.min_lr_factor:g}` of its original value; lower `min_lr_factor`, or look for the cause.",
             )
-            if factor >= 1.0 - 1e-12:
-                self._warn_once(
-                    "floor",
-                    f"{_NAME}: step {step}: {reason}, but the learning rate is already at `min_lr_factor="
-                    f"{self.min_lr_factor:g}` of its original value; lower `min_lr_factor`, or look for the cause.",
-                )
-                return
-            self._scale(trainer, step, factor, reason, finding="unstable")
-        elif self.allow_increase and self._low_streak >= self.patience and self.cumulative_factor < 1.0:
-            self._low_streak = 0
-            factor = min(1.0 / self.lr_factor, 1.0 / self.cumulative_factor)
-            reason = (
-                f"stability ratio {ratio:.3g} < {self.increase_below:g} for {self.patience} probe(s): {what} vs"
-                f" threshold {rule.threshold:.4g}; raising back toward the original learning rate"
-            )
-            self._scale(trainer, step, factor, reason, finding="calm")
+            return
+        self._apply(trainer, step, decision)
 
-    def _scale(self, trainer: pl.Trainer, step: int, factor: float, reason: str, finding: str) -> None:
+    def _apply(self, trainer: pl.Trainer, step: int, decision: StabilityDecision) -> None:
+        factor, reason = decision.factor, decision.reason
         before = _first_lr(trainer)
         if not self.auto_intervene:
-            if finding == "unstable" and "would_scale" not in self._warned:
+            if decision.finding == "unstable" and "would_scale" not in self._warned:
                 self._warn_once(
                     "would_scale",
-                    f"{_NAME}: step {step}: {reason}. Training is past its edge of stability (expect oscillating or"
-                    f" diverging loss). With `auto_intervene=True` {_NAME} would multiply the learning rate by"
-                    f" {factor:g}; or lower it yourself.",
+                    f"step {step}: {reason}. Training is past its edge of stability (expect oscillating or diverging"
+                    f" loss). With `auto_intervene=True` {self.name} would multiply the learning rate by {factor:g};"
+                    " or lower it yourself.",
                 )
                 self._log.add(step, "lr_scale", "optimizer", reason, before, before * factor, applied=False)
             return
         scale_learning_rate(trainer.optimizers, trainer.lr_scheduler_configs, factor)
-        self.cumulative_factor *= factor
-        after = _first_lr(trainer)
-        self._log.add(step, "lr_scale", "optimizer", f"{reason}; lr × {factor:g}", before, after)
-        if finding == "unstable":
+        self.controller.applied(factor)
+        self._log.add(step, "lr_scale", "optimizer", f"{reason}; lr × {factor:g}", before, _first_lr(trainer))
+        if decision.finding == "unstable":
             self._warn_once(
                 "scaled",
-                f"{_NAME}: step {step}: {reason}. Learning rate multiplied by {factor:g} (cumulative"
+                f"step {step}: {reason}. Learning rate multiplied by {factor:g} (cumulative"
                 f" {self.cumulative_factor:g}); further changes are only listed in `interventions` and logged.",
             )
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message, category=RuntimeWarning)
+    # ------------------------------------------------------------------------------------------ rollbacks, state
 
-    # ----------------------------------------------------------------------------------------------------- state
+    def rollback_state(self) -> dict[str, Any]:
+        """What a snapshot keeps of this callback: the learning-rate factor it has applied, and the streaks."""
+        return self.controller.state_dict()
+
+    def restore_rollback_state(self, state: dict[str, Any] | None, event: Event) -> None:
+        """After a rollback (e.g. by EarlyCollapseCallback), the factor of the restored optimizer and its streaks.
+
+        ``state`` is what :meth:`rollback_state` returned when the snapshot was taken; ``None`` for a snapshot taken
+        before this callback joined the channel, i.e. at the start of this fit.
+        """
+        self.controller.load_state_dict(self._fit_start_state if state is None else state)
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "cumulative_factor": self.cumulative_factor,
-            "high_streak": self._high_streak,
-            "low_streak": self._low_streak,
+            **self.controller.state_dict(),
             "interventions": self._log.state_dict(),
             "warned": sorted(self._warned),
         }
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.cumulative_factor = float(state_dict["cumulative_factor"])
-        self._high_streak = int(state_dict["high_streak"])
-        self._low_streak = int(state_dict["low_streak"])
-        self._log.load_state_dict(state_dict["interventions"])
-        self._warned = {str(w) for w in state_dict["warned"]}
+    def _load_state(self, state: dict[str, Any]) -> None:
+        controller = copy.copy(self.controller)
+        controller.load_state_dict(state)  # validates the factor and the streaks
+        log = InterventionLog(self.name)
+        log.load_state_dict(state["interventions"])  # validates the records
+        warned = state["warned"]
+        if not isinstance(warned, (list, tuple, set)) or not all(isinstance(w, str) for w in warned):
+            raise TypeError(f"Expected `warned` to be a list of str, but got {warned!r}.")
+        self.controller, self._log, self._warned = controller, log, set(warned)
 
 
 class _SkippedBatchError(Exception):

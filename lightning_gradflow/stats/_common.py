@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 from collections.abc import Iterable, Sequence
 from enum import IntEnum
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -24,6 +25,13 @@ class Stat(IntEnum):
 
     ``SUMSQ``, ``ABSMAX`` and ``SUM`` are taken over the finite values only; non-finite values are counted in
     ``NONFINITE``. ``ZEROS`` counts exact zeros (``+0.0`` and ``-0.0``).
+
+    **Sparse tensors** (COO, coalesced first; CSR/CSC/BSR/BSC) are described exactly as their dense equivalent: the
+    sums, maximum and non-finite count come from the stored values, ``ZEROS`` adds the positions not stored, and
+    ``NUMEL`` is the dense size. **Complex tensors** are described by their magnitudes ``|z|``: ``SUMSQ`` is
+    ``Σ|z|²`` (the squared norm), ``ABSMAX`` is ``max |z|``, ``SUM`` is ``Σ|z|`` (the L1 norm: magnitudes carry no
+    sign, so there is no signed sum to report), ``NONFINITE`` counts values with a NaN or infinite part, ``ZEROS``
+    counts ``z == 0``. Magnitudes are taken in float64.
     """
 
     SUMSQ = 0
@@ -53,12 +61,22 @@ class UpdateStat(IntEnum):
 NUM_UPDATE_STATS = len(UpdateStat)
 
 
-def as_tensor_list(tensors: Iterable[Tensor], arg: str = "tensors") -> list[Tensor]:
-    """Checks a user-given collection of floating-point tensors and returns it as a list.
+#: Sparse layouts whose stored values are read directly (compressed layouts store each position once).
+SPARSE_COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+SPARSE_LAYOUTS = (torch.sparse_coo, *SPARSE_COMPRESSED)
+
+
+def as_tensor_list(tensors: Iterable[Tensor], arg: str = "tensors", *, allow_sparse: bool = True) -> list[Tensor]:
+    """Checks a user-given collection of floating-point or complex tensors and returns it as a list.
+
+    Args:
+        tensors: the collection.
+        arg: the argument's name, for messages.
+        allow_sparse: accept sparse tensors (COO and compressed layouts) besides dense (strided) ones.
 
     Raises:
-        TypeError: if ``tensors`` is a single tensor or not iterable, or an item is not a real floating-point
-            tensor with the strided layout.
+        TypeError: if ``tensors`` is a single tensor or not iterable, or an item is not a floating-point or complex
+            tensor with the strided (or, with ``allow_sparse``, a sparse) layout.
         ValueError: if an item lives on the ``meta`` device (it holds no values).
     """
     if isinstance(tensors, Tensor):
@@ -70,22 +88,64 @@ def as_tensor_list(tensors: Iterable[Tensor], arg: str = "tensors") -> list[Tens
         items = list(tensors)
     except TypeError:
         raise TypeError(f"Expected `{arg}` to be a sequence of tensors, but got {type(tensors).__name__}.") from None
+    layouts = (torch.strided, *SPARSE_LAYOUTS) if allow_sparse else (torch.strided,)
     for i, t in enumerate(items):
         if not isinstance(t, Tensor):
             raise TypeError(f"Expected `{arg}[{i}]` to be a torch.Tensor, but got {type(t).__name__}: {t!r:.80}.")
-        if not t.dtype.is_floating_point:
+        if not (t.dtype.is_floating_point or t.dtype.is_complex):
             raise TypeError(
-                f"Expected `{arg}[{i}]` to have a real floating-point dtype (float16, bfloat16, float32, float64),"
-                f" but got {t.dtype}."
+                f"Expected `{arg}[{i}]` to have a floating-point dtype (float16, bfloat16, float32, float64) or a"
+                f" complex one, but got {t.dtype}."
             )
-        if t.layout != torch.strided:
-            raise TypeError(f"Expected `{arg}[{i}]` to be a dense (strided) tensor, but got layout {t.layout}.")
+        if t.is_nested:
+            raise TypeError(f"Expected `{arg}[{i}]` to be a tensor, but got a nested tensor; pass its components.")
+        if t.layout not in layouts:
+            kinds = "a dense (strided) or sparse" if allow_sparse else "a dense (strided)"
+            raise TypeError(f"Expected `{arg}[{i}]` to be {kinds} tensor, but got layout {t.layout}.")
         if t.device.type == "meta":
             raise ValueError(
                 f"`{arg}[{i}]` is on the meta device and holds no values; materialise it (e.g. `module.to_empty`)"
                 " before computing statistics."
             )
     return items
+
+
+def is_plain(t: Tensor) -> bool:
+    """Whether ``t`` is dense and real: every backend reads it as it is."""
+    return t.layout == torch.strided and not t.dtype.is_complex
+
+
+def stored_values(t: Tensor) -> Tensor:
+    """The values a tensor stores: a sparse tensor's explicit values, ``t`` itself for a dense one.
+
+    A COO tensor is coalesced first, so duplicates are summed and each position appears once. Positions not stored
+    are zeros.
+    """
+    t = t.detach()
+    if t.layout == torch.sparse_coo:
+        return t.coalesce().values()
+    if t.layout in SPARSE_COMPRESSED:
+        return t.values()
+    return t
+
+
+def magnitudes(t: Tensor) -> Tensor:
+    """``|z|`` of a complex tensor in float64 (a new tensor); a real tensor unchanged.
+
+    Float64, so maxima are exact whatever the complex precision and squares of large magnitudes cannot overflow.
+    """
+    if not t.dtype.is_complex:
+        return t
+    return t.to(torch.complex128).abs()
+
+
+def stat_values(t: Tensor) -> Tensor:
+    """The dense real tensor whose statistics describe ``t``: the magnitudes of its stored values.
+
+    Together with ``t.numel()`` (the dense size) this is all the backends need: the positions a sparse tensor does
+    not store are zeros, added to the zero count over the dense size.
+    """
+    return magnitudes(stored_values(t))
 
 
 def flat_view(t: Tensor) -> Tensor:
@@ -162,3 +222,102 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 f" {device}. Use `backend='auto'` or `backend='torch'`."
             )
     return backend
+
+
+# ------------------------------------------------------------------------------------------------- argument checks
+# Pure (no Lightning): the rules and clippers validate their own settings with these, and the callbacks re-export them.
+
+
+def check_int(name: str, value: object, low: int = 1, high: int | None = None, allow_none: bool = False) -> None:
+    """Raises a ``TypeError``/``ValueError`` naming ``name`` unless ``value`` is an int in ``[low, high]``.
+
+    Example::
+
+        >>> check_int("patience", 5, high=10)
+        >>> check_int("patience", 11, high=10)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `patience` <= 10, but got 11.
+    """
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"Expected `{name}` to be an int, but got {type(value).__name__}: {value!r}.")
+    if value < low:
+        bound = "> 0" if low == 1 else f">= {low}"
+        raise ValueError(f"Expected `{name}` {bound}, but got {value}.")
+    if high is not None and value > high:
+        raise ValueError(f"Expected `{name}` <= {high}, but got {value}.")
+
+
+@overload
+def check_float(
+    name: str,
+    value: object,
+    low: float = 0.0,
+    high: float = math.inf,
+    *,
+    closed_low: bool = False,
+    closed_high: bool = False,
+    allow_none: Literal[False] = False,
+) -> float: ...
+
+
+@overload
+def check_float(
+    name: str,
+    value: object,
+    low: float = 0.0,
+    high: float = math.inf,
+    *,
+    closed_low: bool = False,
+    closed_high: bool = False,
+    allow_none: bool,
+) -> float | None: ...
+
+
+def check_float(
+    name: str,
+    value: object,
+    low: float = 0.0,
+    high: float = math.inf,
+    *,
+    closed_low: bool = False,
+    closed_high: bool = False,
+    allow_none: bool = False,
+) -> float | None:
+    """Checks that ``value`` is a real number in the interval and returns it as a ``float`` (None stays None).
+
+    ``high=inf`` means any finite number: infinities and NaN are always refused, and so is an int too large for a
+    float.
+
+    Raises:
+        TypeError: ``value`` is not an int or float (a bool is not a number here).
+        ValueError: ``value`` is outside the interval, not finite or beyond the float range.
+
+    Example::
+
+        >>> check_float("z_threshold", 3)
+        3.0
+        >>> check_float("ema_alpha", 1.0, 0.0, 1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `ema_alpha` in (0.0, 1.0), but got 1.0.
+    """
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"Expected `{name}` to be a float, but got {type(value).__name__}: {value!r}.")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"Expected `{name}` to be a finite number, but got {value} (beyond float range).") from None
+    above = number >= low if closed_low else number > low
+    below = number <= high if closed_high else number < high
+    if not (above and below and math.isfinite(number)):
+        if high == math.inf:
+            bound = f">= {low:g}" if closed_low else f"> {low:g}"
+            raise ValueError(f"Expected `{name}` to be a finite number {bound}, but got {value}.")
+        interval = f"{'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
+        raise ValueError(f"Expected `{name}` in {interval}, but got {value}.")
+    return number

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from lightning_gradflow.stats._common import BACKENDS, Backend, as_tensor_list, flat_view
 from lightning_gradflow.stats._dispatch import run_grouped
-from lightning_gradflow.stats.tensor_stats import TensorStats
+from lightning_gradflow.stats.tensor_stats import TensorStats, prepared_values, with_dense_sizes
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 _BINS_PER_OCTAVE = (1, 2, 4, 8, 16)
 
@@ -198,7 +201,8 @@ def tensor_histograms(
     """Counts of every tensor's values over the buckets of ``spec``, without copying the values to the host.
 
     Args:
-        tensors: floating-point tensors (not modified).
+        tensors: floating-point or complex tensors, dense or sparse (not modified). A sparse tensor's positions that
+            are not stored count as zeros; a complex tensor is binned by ``|z|``.
         spec: bucket layout; default ``HistogramSpec()`` (|x| from 2**-40 to 2**16, two buckets per octave).
         backend: as in :func:`~lightning_gradflow.stats.tensor_stats`.
 
@@ -211,10 +215,19 @@ def tensor_histograms(
     if not isinstance(spec, HistogramSpec):
         raise TypeError(f"Expected `spec` to be a HistogramSpec, but got {type(spec).__name__}.")
     items = as_tensor_list(tensors)
+    values = prepared_values(items)
+    assert spec is not None
+
+    def compute(impl: ModuleType, positions: list[int]) -> Tensor:
+        if getattr(impl, "READS_ANY_TENSOR", False):  # the oracle reads sparse and complex tensors itself
+            return impl.histogram_rows([items[i] for i in positions], spec)
+        rows = impl.histogram_rows([flat_view(values[i]) for i in positions], spec)
+        return with_dense_sizes(rows, [items[i] for i in positions], [values[i] for i in positions], spec.zero)
+
     counts = run_grouped(
         [(t.device, t.dtype) for t in items],
         backend,
-        lambda impl, positions: impl.histogram_rows([flat_view(items[i]) for i in positions], spec),
+        compute,
         lambda device: torch.zeros((0, spec.num_bins), dtype=torch.long, device=device),
     )
     return TensorHistograms(counts, spec)

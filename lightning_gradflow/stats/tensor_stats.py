@@ -18,6 +18,8 @@ from lightning_gradflow.stats._common import (
     Stat,
     as_tensor_list,
     flat_view,
+    is_plain,
+    stat_values,
 )
 from lightning_gradflow.stats._dispatch import run_grouped
 
@@ -118,6 +120,28 @@ class TensorStats:
         """Global L2 norm of all the tensors: the square root of the summed squares (a 0-dim tensor)."""
         return self.sumsq.sum().sqrt()
 
+    def scaled(self, factor: Tensor | float) -> TensorStats:
+        """The statistics the same tensors would have with every value multiplied by ``factor``.
+
+        Sums of squares scale by ``factor²``, maxima by ``|factor|``, sums by ``factor``; counts stay. E.g. gradients
+        that are still multiplied by a loss scale: ``stats.scaled(1 / scale)``. A 0-dim tensor ``factor`` is read on
+        the device (no host sync).
+
+        Example::
+
+            >>> import torch
+            >>> from lightning_gradflow.stats import tensor_stats
+            >>> s = tensor_stats([torch.tensor([3.0, -4.0, 0.0])]).scaled(0.5)
+            >>> s.norm.tolist(), s.absmax.tolist(), s.sum.tolist(), s.zeros.tolist()
+            ([2.5], [2.0], [-0.5], [1.0])
+        """
+        f = torch.as_tensor(factor, device=self.table.device).to(self.table.dtype)
+        factors = torch.ones(NUM_STATS, dtype=self.table.dtype, device=self.table.device)
+        factors[Stat.SUMSQ] = f * f
+        factors[Stat.ABSMAX] = f.abs()
+        factors[Stat.SUM] = f
+        return TensorStats(self.table * factors)
+
     def to_host(self, non_blocking: bool = False) -> TensorStats:
         """The same statistics on the CPU: the one explicit device-to-host transfer.
 
@@ -184,8 +208,10 @@ def tensor_stats(
     """Sum of squares, max ``|x|``, sum, non-finite count, zero count and size of every tensor, in one pass.
 
     Args:
-        tensors: floating-point tensors of any shapes, dtypes (float16, bfloat16, float32, float64), devices and
-            strides; empty tensors allowed. They are never modified.
+        tensors: floating-point or complex tensors of any shapes, dtypes (float16, bfloat16, float32, float64,
+            complex), devices, strides and layouts (dense, or sparse COO/CSR/CSC/BSR/BSC); empty tensors allowed.
+            They are never modified. Sparse tensors are described exactly as their dense equivalent, complex ones by
+            their magnitudes ``|z|`` (see :class:`Stat`).
         backend: ``"auto"`` (fused Triton kernel on CUDA when Triton imports, else ``"torch"``), ``"torch"``,
             ``"triton"`` or ``"reference"`` (a float64 loop, the test oracle).
         full: ``False`` asks only for what norms, RMS, clipping and the flow diagnosis need (sum of squares,
@@ -198,7 +224,7 @@ def tensor_stats(
         A :class:`TensorStats` whose ``(len(tensors), 6)`` float32 table lives on the first tensor's device.
 
     Raises:
-        TypeError: for a non-tensor item or a non-floating dtype.
+        TypeError: for a non-tensor item, a dtype that is neither floating-point nor complex, or another layout.
         ValueError: for an unknown backend or a tensor on the meta device.
 
     Example::
@@ -210,6 +236,9 @@ def tensor_stats(
         >>> stats = tensor_stats([p.grad for p in model.parameters()])
         >>> stats.table.shape
         torch.Size([2, 6])
+        >>> sparse = torch.sparse_coo_tensor([[0, 3, 0]], [1.0, 2.0, 2.0], (6,), check_invariants=True)
+        >>> tensor_stats([sparse]).table.tolist()  # index 0 is stored twice: 3.0 there
+        [[13.0, 3.0, 5.0, 0.0, 4.0, 6.0]]
     """
     if backend not in BACKENDS:
         raise ValueError(f"Expected `backend` to be one of {BACKENDS}, but got {backend!r}.")
@@ -218,13 +247,71 @@ def tensor_stats(
         raise ValueError(
             f"Expected `count_zeros` to have one flag per tensor ({len(items)}), but got {len(count_zeros)}."
         )
+    values = prepared_values(items)
+
+    def compute(impl: ModuleType, positions: list[int]) -> Tensor:
+        if getattr(impl, "READS_ANY_TENSOR", False):  # the oracle reads sparse and complex tensors itself
+            return impl.tensor_stats_rows([items[i] for i in positions])
+        rows = _rows(impl, [flat_view(values[i]) for i in positions], full, count_zeros, positions)
+        return with_dense_sizes(rows, [items[i] for i in positions], [values[i] for i in positions], Stat.ZEROS)
+
     table = run_grouped(
         [(t.device, t.dtype) for t in items],
         backend,
-        lambda impl, positions: _rows(impl, [flat_view(items[i]) for i in positions], full, count_zeros, positions),
+        compute,
         lambda device: torch.zeros((0, NUM_STATS), device=device),
     )
     return TensorStats(table)
+
+
+def prepared_values(items: list[Tensor]) -> list[Tensor]:
+    """What the fast backends read for each tensor: itself when dense and real, else its :func:`stat_values`."""
+    return [t if is_plain(t) else stat_values(t) for t in items]
+
+
+def with_dense_sizes(rows: Tensor, items: list[Tensor], values: list[Tensor], zero_column: int) -> Tensor:
+    """Counts the positions a sparse tensor does not store as zeros (in ``zero_column``), over its dense size.
+
+    In a statistics table ``NUMEL`` becomes the dense size too. Dense rows are left as they are.
+    """
+    missing = [(i, t.numel() - v.numel()) for i, (t, v) in enumerate(zip(items, values, strict=True)) if v is not t]
+    missing = [(i, n) for i, n in missing if n]
+    if not missing:
+        return rows
+    index = torch.tensor([i for i, _ in missing], device=rows.device)
+    extra = torch.tensor([float(n) for _, n in missing], dtype=rows.dtype, device=rows.device)
+    rows[:, zero_column].index_add_(0, index, extra)
+    if rows.dtype.is_floating_point and rows.shape[1] == NUM_STATS:
+        dense = torch.tensor([float(items[i].numel()) for i, _ in missing], dtype=rows.dtype, device=rows.device)
+        rows[:, Stat.NUMEL].index_copy_(0, index, dense)
+    return rows
+
+
+def l1_norms(tensors: Iterable[Tensor]) -> Tensor:
+    """``Σ|x|`` of every tensor (``Σ|z|`` for complex ones, over the stored values of sparse ones), float32.
+
+    Non-finite values propagate (as in ``torch.linalg.vector_norm(x, 1)``). The result lives on the first tensor's
+    device.
+
+    Example::
+
+        >>> import torch
+        >>> l1_norms([torch.tensor([3.0, -4.0]), torch.tensor([3 + 4j])]).tolist()
+        [7.0, 5.0]
+    """
+    items = as_tensor_list(tensors)
+    if not items:
+        return torch.zeros(0)
+    device = items[0].device
+    plain = [i for i, t in enumerate(items) if is_plain(t)]
+    out = torch.zeros(len(items), device=device)
+    if plain:
+        norms = torch._foreach_norm([items[i].detach() for i in plain], 1)
+        out[plain] = torch.stack([n.float().to(device) for n in norms])
+    for i, t in enumerate(items):
+        if not is_plain(t):
+            out[i] = stat_values(t).float().abs().sum().to(device)
+    return out
 
 
 def _rows(

@@ -86,18 +86,37 @@ class UpdateStats:
         return UpdateStats(host.copy_(self.table, non_blocking=non_blocking))
 
 
+_COMPLEX_OF = {torch.float16: torch.complex32, torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
 def make_snapshot(params: Iterable[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
     """Copies of ``params`` (same device and memory layout) to pass to :func:`update_stats`.
 
     Args:
-        params: floating-point tensors.
+        params: dense floating-point or complex tensors.
         dtype: snapshot dtype; e.g. ``torch.bfloat16`` halves the memory for float32 parameters at the cost of
-            rounding the reference point. Default: the parameter's dtype.
+            rounding the reference point. A complex parameter's snapshot gets the complex dtype of that precision
+            (``float16`` → ``complex32``; there is no complex bfloat16). Default: the parameter's dtype.
     """
-    items = as_tensor_list(params, "params")
+    items = as_tensor_list(params, "params", allow_sparse=False)
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(f"Expected `dtype` to be a floating-point dtype, but got {dtype}.")
-    return [torch.empty_like(p, dtype=dtype or p.dtype).copy_(p.detach()) for p in items]
+    return [torch.empty_like(p, dtype=_snapshot_dtype(p, dtype)).copy_(p.detach()) for p in items]
+
+
+def _snapshot_dtype(p: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return p.dtype
+    if not p.dtype.is_complex:
+        return dtype
+    if dtype not in _COMPLEX_OF:
+        raise TypeError(f"`dtype={dtype}` has no complex counterpart for the complex parameter ({p.dtype}).")
+    return _COMPLEX_OF[dtype]
+
+
+def _real(t: Tensor) -> Tensor:
+    """A real view of ``t``: its real and imaginary parts side by side when complex (shares memory)."""
+    return torch.view_as_real(t) if t.dtype.is_complex else t
 
 
 def _paired_flat_views(p: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
@@ -115,10 +134,14 @@ def _paired_flat_views(p: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
 def update_stats(params: Iterable[Tensor], snapshots: Iterable[Tensor], *, backend: Backend = "auto") -> UpdateStats:
     """‖p − snapshot‖² and ‖p‖² per tensor in one pass, then ``snapshot ← p`` in the same pass.
 
+    Complex parameters (with complex snapshots) are read as their real and imaginary parts
+    (``torch.view_as_real``): the sums are ``Σ|p − s|²`` and ``Σ|p|²``, each part skipped on its own when it is not
+    finite. Sparse parameters are refused (optimizers keep parameters dense; sparse *gradients* are fine).
+
     Args:
-        params: floating-point tensors (not modified).
-        snapshots: one tensor per parameter, same shape, any floating dtype, on the same device (see
-            :func:`make_snapshot`); overwritten with the current parameter values.
+        params: dense floating-point or complex tensors (not modified).
+        snapshots: one tensor per parameter, same shape, any floating dtype (complex for a complex parameter), on the
+            same device (see :func:`make_snapshot`); overwritten with the current parameter values.
         backend: as in :func:`~lightning_gradflow.stats.tensor_stats`.
 
     Returns:
@@ -129,8 +152,8 @@ def update_stats(params: Iterable[Tensor], snapshots: Iterable[Tensor], *, backe
     """
     if backend not in BACKENDS:
         raise ValueError(f"Expected `backend` to be one of {BACKENDS}, but got {backend!r}.")
-    ps = as_tensor_list(params, "params")
-    ss = as_tensor_list(snapshots, "snapshots")
+    ps = as_tensor_list(params, "params", allow_sparse=False)
+    ss = as_tensor_list(snapshots, "snapshots", allow_sparse=False)
     if len(ps) != len(ss):
         raise ValueError(f"Expected one snapshot per parameter, but got {len(ss)} snapshots for {len(ps)} params.")
     for i, (p, s) in enumerate(zip(ps, ss, strict=True)):
@@ -139,9 +162,17 @@ def update_stats(params: Iterable[Tensor], snapshots: Iterable[Tensor], *, backe
                 f"`snapshots[{i}]` has shape {tuple(s.shape)} on {s.device}, but `params[{i}]` has shape"
                 f" {tuple(p.shape)} on {p.device}; rebuild the snapshots with `make_snapshot(params)`."
             )
+        if p.dtype.is_complex != s.dtype.is_complex:
+            raise ValueError(
+                f"`snapshots[{i}]` has dtype {s.dtype}, but `params[{i}]` has dtype {p.dtype}: a complex parameter"
+                " needs a complex snapshot and a real one a real snapshot; rebuild them with `make_snapshot(params)`."
+            )
 
     def compute(impl: ModuleType, positions: list[int]) -> Tensor:
-        pairs = [_paired_flat_views(ps[i], ss[i]) for i in positions]
+        if getattr(impl, "READS_ANY_TENSOR", False):  # the oracle subtracts complex values itself
+            pairs = [_paired_flat_views(ps[i], ss[i]) for i in positions]
+        else:
+            pairs = [_paired_flat_views(_real(ps[i].detach()), _real(ss[i])) for i in positions]
         return impl.update_stats_rows([a for a, _ in pairs], [b for _, b in pairs])
 
     table = run_grouped(
