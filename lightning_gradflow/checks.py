@@ -35,18 +35,24 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 @overload
 def check_int(
-    name: str, value: object, low: int = 1, high: int | None = None, *, allow_none: Literal[False] = False, what: str = ""
+    name: str,
+    value: object,
+    low: int = 1,
+    high: int | None = None,
+    what: str = "",
+    *,
+    allow_none: Literal[False] = False,
 ) -> int: ...
 
 
 @overload
 def check_int(
-    name: str, value: object, low: int = 1, high: int | None = None, *, allow_none: bool, what: str = ""
+    name: str, value: object, low: int = 1, high: int | None = None, what: str = "", *, allow_none: bool
 ) -> int | None: ...
 
 
 def check_int(
-    name: str, value: object, low: int = 1, high: int | None = None, *, allow_none: bool = False, what: str = ""
+    name: str, value: object, low: int = 1, high: int | None = None, what: str = "", *, allow_none: bool = False
 ) -> int | None:
     """``value`` if it is an int in ``[low, high]`` (``high=None``: no bound; None passes with ``allow_none``).
 
@@ -163,6 +169,14 @@ def check_float(
         interval = f"{'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
         raise ValueError(f"Expected `{name}` in {interval}{why}, but got {value}.")
     return number
+
+
+@overload
+def check_finite(name: str, value: object, allow_none: Literal[False] = False) -> float: ...
+
+
+@overload
+def check_finite(name: str, value: object, allow_none: bool) -> float | None: ...
 
 
 def check_finite(name: str, value: object, allow_none: bool = False) -> float | None:

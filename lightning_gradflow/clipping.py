@@ -20,7 +20,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_gradflow.stats._common import check_float, check_int
+from lightning_gradflow.checks import check_float, check_int
+from lightning_gradflow.ema import ema_update
 
 ClipMode = Literal["zscore", "percentile", "agc", "norm"]
 CLIP_MODES: tuple[str, ...] = ("zscore", "percentile", "agc", "norm")
@@ -193,8 +194,7 @@ class ZScoreClipper:
         zt = self.z_threshold
         clipped = torch.where(z > zt, self.mean + std * zt * (zt / z), norm)
         update = ~warming & finite
-        new_mean = self.alpha * self.mean + (1 - self.alpha) * clipped
-        new_var = self.alpha * self.var + (1 - self.alpha) * (clipped - new_mean) ** 2
+        new_mean, new_var = ema_update(self.mean, self.var, clipped, self.alpha)
         self.mean = torch.where(seeded, seed_mean, torch.where(update, new_mean, self.mean))
         self.var = torch.where(seeded, seed_var, torch.where(update, new_var, self.var))
         self.count = count

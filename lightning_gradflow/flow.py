@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_gradflow.checks import check_float, check_int
 from lightning_gradflow.stats import TensorStats
-from lightning_gradflow.stats._common import check_float, check_int
 
 ROOT_LAYER = "root"
 #: Upper bound of ``patience``: streaks are counted in float32 on the device, exact up to 2**24 steps.

@@ -80,15 +80,15 @@ def test_robust_detector_warms_up_keeps_a_window_and_ignores_nonfinite() -> None
 
 
 def test_ema_detector_matches_a_plain_loop() -> None:
+    # ZClip's estimator, the one EMA of the package (shared with ZScoreClipper): variance around the new mean
     alpha, values = 0.9, [1.0, 1.2, 0.8, 1.1, 0.9, 1.0]
     det = EmaZScore(alpha=alpha, min_history=2, min_scale=1e-9)
     mean, var = values[0], 0.0
     det.update(values[0])
     for v in values[1:]:
         det.update(v)
-        delta = v - mean
-        mean += (1 - alpha) * delta
-        var = alpha * (var + (1 - alpha) * delta * delta)
+        mean = alpha * mean + (1 - alpha) * v
+        var = alpha * var + (1 - alpha) * (v - mean) ** 2
     assert det.mean == pytest.approx(mean) and det.var == pytest.approx(var)
     assert det.score(2.0) == pytest.approx((2.0 - mean) / math.sqrt(var))
     restored = EmaZScore(alpha=alpha, min_history=2, min_scale=1e-9)

@@ -1,6 +1,6 @@
 """Small pieces every callback needs: argument checks, refusing unsupported strategies, AMP-correct gradient norms.
 
-The argument checks are thin names over the pure checks of :mod:`lightning_gradflow.stats._common`, which the pure
+The argument checks are thin names over the pure checks of :mod:`lightning_gradflow.checks`, which the pure
 rules (``FlowRule``, ``ZClipConfig``, ...) use to validate their own settings: one wording everywhere.
 """
 
@@ -13,8 +13,8 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from lightning_gradflow.checks import check_float, check_int
 from lightning_gradflow.stats import TensorStats
-from lightning_gradflow.stats._common import check_float, check_int
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -33,21 +33,9 @@ def check_positive_float(name: str, value: object, allow_none: bool = False) -> 
     check_float(name, value, allow_none=allow_none)
 
 
-def check_bool(name: str, value: object) -> None:
-    """Raises a ``TypeError`` naming ``name`` unless ``value`` is a bool."""
-    if not isinstance(value, bool):
-        raise TypeError(f"Expected `{name}` to be a bool, but got {type(value).__name__}: {value!r}.")
-
-
 def check_float_in(name: str, value: object, low: float, high: float, closed_high: bool = False) -> None:
     """Raises a ``TypeError``/``ValueError`` naming ``name`` unless ``low < value < high`` (``<= high`` if closed)."""
     check_float(name, value, low, high, closed_high=closed_high)
-
-
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    """Raises a ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"Expected `{name}` to be one of {choices}, but got {value!r}.")
 
 
 def refuse_sharded_strategy(trainer: pl.Trainer, callback: str, reads: str = "whole gradients") -> None:

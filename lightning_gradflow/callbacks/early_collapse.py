@@ -17,8 +17,6 @@ from typing_extensions import override
 from lightning_gradflow import tensorboard as tb
 from lightning_gradflow.callbacks._base import HealthCallback, is_log_step, is_probe_step, to_host
 from lightning_gradflow.callbacks._common import (
-    check_bool,
-    check_choice,
     check_positive_int,
     global_norm_or_nan,
     log_interval,
@@ -26,6 +24,7 @@ from lightning_gradflow.callbacks._common import (
     unscaled_for_optimizer,
 )
 from lightning_gradflow.channel import Event
+from lightning_gradflow.checks import check_bool, check_choice
 from lightning_gradflow.collapse import (
     MAX_RANK_SAMPLE_SIZE,
     Action,

@@ -14,12 +14,8 @@ from typing_extensions import override
 
 from lightning_gradflow import tensorboard as tb
 from lightning_gradflow.callbacks._base import HealthCallback, is_probe_step, to_host
-from lightning_gradflow.callbacks._common import (
-    check_bool,
-    check_positive_float,
-    check_positive_int,
-    refuse_sharded_strategy,
-)
+from lightning_gradflow.callbacks._common import check_positive_float, check_positive_int, refuse_sharded_strategy
+from lightning_gradflow.checks import check_bool
 from lightning_gradflow.gates import (
     EPSILON_MIN,
     EXTRA_GATE_KINDS,

@@ -24,7 +24,8 @@ from typing_extensions import override
 
 from lightning_gradflow import tensorboard as tb
 from lightning_gradflow.callbacks._base import HealthCallback, is_probe_step, to_host
-from lightning_gradflow.callbacks._common import check_bool, check_choice, check_positive_int, refuse_sharded_strategy
+from lightning_gradflow.callbacks._common import check_positive_int, refuse_sharded_strategy
+from lightning_gradflow.checks import check_bool, check_choice, check_int
 from lightning_gradflow.curvature import (
     DEFAULT_INCREASE_BELOW,
     DEFAULT_LR_FACTOR,
@@ -44,7 +45,6 @@ from lightning_gradflow.curvature import (
     optimizer_preconditioner,
     stability_rule,
 )
-from lightning_gradflow.curvature._checks import check_int
 from lightning_gradflow.interventions import InterventionLog, scale_learning_rate
 
 if TYPE_CHECKING:

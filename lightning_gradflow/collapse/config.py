@@ -25,8 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lightning_gradflow.collapse._checks import check_bool, check_choice
-from lightning_gradflow.stats._common import check_float, check_int
+from lightning_gradflow.checks import check_bool, check_choice, check_float, check_int
 
 MAX_WINDOW = 10_000  # `window`, `divergence_smoothing`: a median over this many floats per step stays cheap
 MAX_SNAPSHOTS = 100  # `num_snapshots`: each one a full copy of the model, optimizer and scheduler states

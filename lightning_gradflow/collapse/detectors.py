@@ -33,8 +33,9 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_gradflow.collapse._checks import count, finite, floats, optional_finite
+from lightning_gradflow.checks import check_count, check_finite, check_floats
 from lightning_gradflow.collapse.config import MonitorConfig
+from lightning_gradflow.ema import ema_update
 
 MAD_TO_STD = 1.4826  # 1 / Φ⁻¹(3/4): MAD × this estimates σ of normal noise
 
@@ -115,11 +116,14 @@ class RobustZScore:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`."""
-        self.values = deque(floats("values", state["values"]), maxlen=self.window)
+        self.values = deque(check_floats("values", state["values"]), maxlen=self.window)
 
 
 class EmaZScore:
-    """EMA mean/variance z-score (ZClip's estimator) of each new value against the values accepted before it.
+    """EMA mean/variance z-score of each new value against the values accepted before it.
+
+    The moments are ZClip's estimator, :func:`~lightning_gradflow.ema.ema_update` (one definition, shared with
+    :class:`~lightning_gradflow.clipping.ZScoreClipper`).
 
     Args:
         alpha: the EMA decay (weight of the past).
@@ -164,9 +168,7 @@ class EmaZScore:
         if self.mean is None:
             self.mean = float(x)
             return
-        delta = x - self.mean
-        self.mean += (1 - self.alpha) * delta
-        self.var = self.alpha * (self.var + (1 - self.alpha) * delta * delta)
+        self.mean, self.var = ema_update(self.mean, self.var, float(x), self.alpha)
 
     def state_dict(self) -> dict[str, Any]:
         """The running moments, as plain data."""
@@ -174,10 +176,14 @@ class EmaZScore:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`."""
-        var = finite("var", state["var"])
+        var = check_finite("var", state["var"])
         if var < 0:
             raise ValueError(f"`var` must be >= 0, got {var}")
-        self.mean, self.var, self.count = optional_finite("mean", state["mean"]), var, count("count", state["count"])
+        self.mean, self.var, self.count = (
+            check_finite("mean", state["mean"], allow_none=True),
+            var,
+            check_count("count", state["count"]),
+        )
 
 
 class DivergenceDetector:
@@ -265,11 +271,11 @@ class DivergenceDetector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`."""
-        self.recent = deque(floats("recent", state["recent"]), maxlen=self.smoothing)
-        self.diffs = deque(floats("diffs", state["diffs"]), maxlen=self.diffs.maxlen)
-        self.smoothed = optional_finite("smoothed", state["smoothed"])
-        self.best = optional_finite("best", state["best"])
-        self.count = count("count", state["count"])
+        self.recent = deque(check_floats("recent", state["recent"]), maxlen=self.smoothing)
+        self.diffs = deque(check_floats("diffs", state["diffs"]), maxlen=self.diffs.maxlen)
+        self.smoothed = check_finite("smoothed", state["smoothed"], allow_none=True)
+        self.best = check_finite("best", state["best"], allow_none=True)
+        self.count = check_count("count", state["count"])
 
 
 def ramp(x: float, low: float, high: float) -> float:

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from lightning_gradflow.collapse._checks import check_bool, count, finite
+from lightning_gradflow.checks import check_bool, check_count, check_finite
 from lightning_gradflow.collapse.config import LadderConfig
 from lightning_gradflow.collapse.monitor import StepVerdict
 
@@ -290,18 +290,18 @@ class InterventionLadder:
         checked and then dropped: what one counted was never applied by the other.
         """
         dry_run = check_bool("dry_run", state["dry_run"])
-        lr_scale = finite("lr_scale", state["lr_scale"])
+        lr_scale = check_finite("lr_scale", state["lr_scale"])
         if not 0.0 < lr_scale <= 1.0:
             raise ValueError(f"`lr_scale` must lie in (0, 1], got {lr_scale}")
         stop_message = state["stop_message"]
         if not isinstance(stop_message, str):
             raise TypeError(f"`stop_message` must be a str, got {type(stop_message).__name__}")
         loaded = {
-            "strikes": count("strikes", state["strikes"]),
-            "rollbacks": count("rollbacks", state["rollbacks"]),
-            "skipped_steps": count("skipped_steps", state["skipped_steps"]),
-            "skip_remaining": count("skip_remaining", state["skip_remaining"]),
-            "calm_steps": count("calm_steps", state["calm_steps"]),
+            "strikes": check_count("strikes", state["strikes"]),
+            "rollbacks": check_count("rollbacks", state["rollbacks"]),
+            "skipped_steps": check_count("skipped_steps", state["skipped_steps"]),
+            "skip_remaining": check_count("skip_remaining", state["skip_remaining"]),
+            "calm_steps": check_count("calm_steps", state["calm_steps"]),
         }
         cut_in_streak = check_bool("cut_in_streak", state["cut_in_streak"])
         off_trajectory = check_bool("off_trajectory", state["off_trajectory"])

@@ -40,7 +40,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_gradflow.collapse._checks import check_bool, count, finite, optional_finite
+from lightning_gradflow.checks import check_bool, check_count, check_finite
 from lightning_gradflow.collapse.config import MonitorConfig
 from lightning_gradflow.collapse.detectors import (
     DivergenceDetector,
@@ -251,10 +251,10 @@ class CollapseMonitor:
         A state saved with the other ``spike_detector`` is refused: its windows mean something else.
         """
         self._load_detectors(state)
-        self.overflow_steps = count("overflow_steps", state["overflow_steps"])
-        self.overflow_streak = count("overflow_streak", state["overflow_streak"])
+        self.overflow_steps = check_count("overflow_steps", state["overflow_steps"])
+        self.overflow_streak = check_count("overflow_streak", state["overflow_streak"])
         self.episode = check_bool("episode", state["episode"])
-        repr_score = finite("repr_score", state["repr_score"])
+        repr_score = check_finite("repr_score", state["repr_score"])
         if not 0.0 <= repr_score <= 1.0:
             raise ValueError(f"`repr_score` must lie in [0, 1], got {repr_score}")
         self.repr_score = repr_score
@@ -282,7 +282,7 @@ class CollapseMonitor:
         c = self.config
         divergence = DivergenceDetector(c.divergence_smoothing, c.divergence_ratio, c.min_history, window=c.window)
         divergence.load_state_dict(state["divergence"])
-        first = [optional_finite("first", x) for x in state["first"]]
+        first = [check_finite("first", x, allow_none=True) for x in state["first"]]
         if len(first) != 2:
             raise ValueError(f"`first` must hold 2 values, got {len(first)}")
         self.loss_detector, self.grad_detector, self.divergence = loss, grad, divergence

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_gradflow.curvature._checks import check_bool, check_in, check_int
+from lightning_gradflow.checks import check_bool, check_float, check_int
 from lightning_gradflow.curvature.hvp import HvpMethod, LossFn
 from lightning_gradflow.curvature.sharpness import (
     DEFAULT_SCALES,
@@ -103,15 +103,15 @@ class ProbePlan:
             raise ValueError(f"Expected `hvp` to be 'double_backward' or 'finite_difference', but got {self.hvp!r}.")
         check_int("num_hvps", self.num_hvps, 1, MAX_HVPS, "Hessian-vector products per Lanczos run")
         if self.lanczos_tol is not None:
-            check_in("lanczos_tol", self.lanczos_tol, 0.0, math.inf)
+            check_float("lanczos_tol", self.lanczos_tol, 0.0, math.inf)
         check_int("trace_hvps", self.trace_hvps, 3, MAX_HVPS, "products per trace estimate; Hutch++ needs three thirds")
         size = "a perturbation size; larger ones overflow the probe's float32 arithmetic"
-        check_in("sam_rho", self.sam_rho, 0.0, MAX_PERTURBATION, closed_high=True, what=size)
+        check_float("sam_rho", self.sam_rho, 0.0, MAX_PERTURBATION, closed_high=True, what=size)
         check_bool("sam_adaptive", self.sam_adaptive)
         if not self.random_scales:
             raise ValueError("Expected `random_scales` to be a non-empty tuple of floats, but got ().")
         for scale in self.random_scales:
-            check_in("random_scales", scale, 0.0, MAX_PERTURBATION, closed_high=True, what=size)
+            check_float("random_scales", scale, 0.0, MAX_PERTURBATION, closed_high=True, what=size)
         check_int("random_directions", self.random_directions, 1, MAX_DIRECTIONS, "random directions per scale")
 
     @property

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_gradflow.curvature._checks import check_bool, check_in, check_int, check_number
+from lightning_gradflow.checks import check_bool, check_finite, check_float, check_int
 
 # ------------------------------------------------------------------------------------------- edge of stability
 
@@ -303,12 +303,12 @@ class StabilityController:
         increase_below: float = DEFAULT_INCREASE_BELOW,
         min_lr_factor: float = DEFAULT_MIN_LR_FACTOR,
     ) -> None:
-        self.margin = check_in("margin", margin, 0.0, math.inf)
+        self.margin = check_float("margin", margin, 0.0, math.inf)
         self.patience = check_int("patience", patience, 1)
-        self.lr_factor = check_in("lr_factor", lr_factor, 0.0, 1.0)
+        self.lr_factor = check_float("lr_factor", lr_factor, 0.0, 1.0)
         self.allow_increase = check_bool("allow_increase", allow_increase)
-        self.increase_below = check_in("increase_below", increase_below, 0.0, self.margin, what="below `margin`")
-        self.min_lr_factor = check_in("min_lr_factor", min_lr_factor, 0.0, 1.0, closed_high=True)
+        self.increase_below = check_float("increase_below", increase_below, 0.0, self.margin, what="below `margin`")
+        self.min_lr_factor = check_float("min_lr_factor", min_lr_factor, 0.0, 1.0, closed_high=True)
         self.cumulative_factor = 1.0
         self.high_streak = 0
         self.low_streak = 0
@@ -365,7 +365,7 @@ class StabilityController:
         The cumulative factor must be a finite number in ``(0, 1]`` (a NaN, negative or zero factor would corrupt
         every later decision); the streaks non-negative ints.
         """
-        factor = check_number("cumulative_factor", state["cumulative_factor"])
+        factor = check_finite("cumulative_factor", state["cumulative_factor"])
         if not 0 < factor <= 1 + _FACTOR_SLACK:
             raise ValueError(f"Expected `cumulative_factor` to be a finite number in (0, 1], but got {factor!r}.")
         high = check_int("high_streak", state["high_streak"], 0)

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 import os
 from collections.abc import Iterable, Sequence
 from enum import IntEnum
-from typing import Literal, overload
+from typing import Literal
 
 import torch
 from torch import Tensor
+
+from lightning_gradflow.checks import check_float, check_int  # noqa: F401  (re-exported)
 
 Backend = Literal["auto", "torch", "triton", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "reference")
@@ -224,100 +225,4 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-# ------------------------------------------------------------------------------------------------- argument checks
-# Pure (no Lightning): the rules and clippers validate their own settings with these, and the callbacks re-export them.
-
-
-def check_int(name: str, value: object, low: int = 1, high: int | None = None, allow_none: bool = False) -> None:
-    """Raises a ``TypeError``/``ValueError`` naming ``name`` unless ``value`` is an int in ``[low, high]``.
-
-    Example::
-
-        >>> check_int("patience", 5, high=10)
-        >>> check_int("patience", 11, high=10)
-        Traceback (most recent call last):
-        ...
-        ValueError: Expected `patience` <= 10, but got 11.
-    """
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"Expected `{name}` to be an int, but got {type(value).__name__}: {value!r}.")
-    if value < low:
-        bound = "> 0" if low == 1 else f">= {low}"
-        raise ValueError(f"Expected `{name}` {bound}, but got {value}.")
-    if high is not None and value > high:
-        raise ValueError(f"Expected `{name}` <= {high}, but got {value}.")
-
-
-@overload
-def check_float(
-    name: str,
-    value: object,
-    low: float = 0.0,
-    high: float = math.inf,
-    *,
-    closed_low: bool = False,
-    closed_high: bool = False,
-    allow_none: Literal[False] = False,
-) -> float: ...
-
-
-@overload
-def check_float(
-    name: str,
-    value: object,
-    low: float = 0.0,
-    high: float = math.inf,
-    *,
-    closed_low: bool = False,
-    closed_high: bool = False,
-    allow_none: bool,
-) -> float | None: ...
-
-
-def check_float(
-    name: str,
-    value: object,
-    low: float = 0.0,
-    high: float = math.inf,
-    *,
-    closed_low: bool = False,
-    closed_high: bool = False,
-    allow_none: bool = False,
-) -> float | None:
-    """Checks that ``value`` is a real number in the interval and returns it as a ``float`` (None stays None).
-
-    ``high=inf`` means any finite number: infinities and NaN are always refused, and so is an int too large for a
-    float.
-
-    Raises:
-        TypeError: ``value`` is not an int or float (a bool is not a number here).
-        ValueError: ``value`` is outside the interval, not finite or beyond the float range.
-
-    Example::
-
-        >>> check_float("z_threshold", 3)
-        3.0
-        >>> check_float("ema_alpha", 1.0, 0.0, 1.0)
-        Traceback (most recent call last):
-        ...
-        ValueError: Expected `ema_alpha` in (0.0, 1.0), but got 1.0.
-    """
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"Expected `{name}` to be a float, but got {type(value).__name__}: {value!r}.")
-    try:
-        number = float(value)
-    except OverflowError:
-        raise ValueError(f"Expected `{name}` to be a finite number, but got {value} (beyond float range).") from None
-    above = number >= low if closed_low else number > low
-    below = number <= high if closed_high else number < high
-    if not (above and below and math.isfinite(number)):
-        if high == math.inf:
-            bound = f">= {low:g}" if closed_low else f"> {low:g}"
-            raise ValueError(f"Expected `{name}` to be a finite number {bound}, but got {value}.")
-        interval = f"{'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
-        raise ValueError(f"Expected `{name}` in {interval}, but got {value}.")
-    return number
+# The pure argument checks live in `lightning_gradflow.checks`; re-exported here for older imports.
