@@ -12,8 +12,9 @@ Two measurements, for each LSTM size (``--layers``) and probe size (``--probe-si
   training step (forward, cross-entropy, backward, Adam) of the example's character LSTM, of a forward with and
   without the capture hooks, of ``measure_gates`` with and without histograms plus the host copy, and of the
   re-probe. The probe cost in step equivalents is ``(capture + measure) / training step``.
-* **end to end** (``lightning.Trainer``, per-step wall time between ``on_train_batch_start`` marks, the arms
-  alternating round by round): no callback against ``GateSurgeryCallback(every_n_steps=1)``, a probe on every step.
+* **end to end** (``lightning.Trainer``, per-step time between ``on_train_batch_start`` marks: wall time, CUDA
+  events on CUDA; the arms alternating round by round): no callback against ``GateSurgeryCallback(every_n_steps=1)``,
+  a probe on every step.
   The difference is the cost of a probe step as Lightning runs it; divided by ``every_n_steps`` (default 100) it is
   the amortised overhead.
 
@@ -30,21 +31,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import _common as common
 import torch
 from torch import Tensor, nn
-
-if str(Path(__file__).resolve().parent) not in sys.path:  # `python -m benchmarks.gates`, imports from tests
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as common
 
 DEFAULT_EVERY_N_STEPS = 100
 
@@ -74,9 +70,8 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
-def _import_package_and_example() -> Any:
-    # Lets `python benchmarks/gates.py` find the package and the example without installing anything.
-    common.import_package()
+def _import_example() -> Any:
+    """``examples/saturated_lstm.py`` as a module (not a package: loaded from its path)."""
     path = common.REPO_ROOT / "examples" / "saturated_lstm.py"
     spec = importlib.util.spec_from_file_location("saturated_lstm_example", path)
     assert spec is not None and spec.loader is not None
@@ -87,14 +82,6 @@ def _import_package_and_example() -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------- isolated
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    common.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    common.synchronize(device)
-    return (time.perf_counter() - start) * 1e3
 
 
 def isolated(example: Any, layers: int, probe_size: int, args: argparse.Namespace, device: torch.device) -> dict:
@@ -152,12 +139,7 @@ def isolated(example: Any, layers: int, probe_size: int, args: argparse.Namespac
         "measure_no_histograms": measure(histograms=False),
         "reprobe": measure(histograms=False, use_captured_output=False),
     }
-    times: dict[str, list[float]] = {name: [] for name in parts}
-    for rep in range(args.warmup + args.reps):
-        for name, fn in parts.items():
-            ms = _timed(fn, device)
-            if rep >= args.warmup:
-                times[name].append(ms)
+    times = common.interleave(parts, args.reps, device, warmup=args.warmup)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     capture = max(0.0, med["forward_with_capture"] - med["forward"])
     return {
@@ -178,18 +160,10 @@ def isolated(example: Any, layers: int, probe_size: int, args: argparse.Namespac
 
 def end_to_end(example: Any, layers: int, args: argparse.Namespace, device: torch.device) -> dict:
     """Median Lightning step time without the callback and with a probe on every step (rounds alternate)."""
-    from lightning.pytorch import Callback, Trainer, seed_everything
+    from lightning.pytorch import Callback, seed_everything
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_gradflow.callbacks.gate_surgery import GateSurgeryCallback
-
-    class StepClock(Callback):
-        def __init__(self) -> None:
-            self.marks: list[float] = []
-
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            common.synchronize(device)
-            self.marks.append(time.perf_counter())
 
     steps = args.fit_steps
     data = torch.randint(0, args.vocab, (steps * args.batch_size, args.seq_len + 1))
@@ -200,23 +174,14 @@ def end_to_end(example: Any, layers: int, args: argparse.Namespace, device: torc
         for arm in arms:
             seed_everything(0, verbose=False)
             model = example.CharLSTM(args.vocab, args.hidden, layers, 3e-3)
-            clock = StepClock()
+            clock = common.clock_callback(device, arm)
             callbacks: list[Callback] = [clock]
             if arm == "probe_every_step":
                 callbacks.append(GateSurgeryCallback(every_n_steps=1))
-            trainer = Trainer(
-                accelerator=device.type,
-                devices=1,
-                max_steps=steps,
-                logger=False,
-                callbacks=callbacks,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                enable_checkpointing=False,
-            )
+            trainer = common.quiet_trainer(device, max_steps=steps, logger=False, callbacks=callbacks)
             trainer.fit(model, loader)
-            deltas = [(b - a) * 1e3 for a, b in zip(clock.marks[:-1], clock.marks[1:], strict=True)]
-            times[arm] += deltas[2:]  # the first steps warm caches up
+            blocks = clock.clock.take(lambda step: 0 if step >= 2 else None)  # the first steps warm caches up
+            times[arm] += [ms for block in blocks for ms in block.ms]
     base, probe = statistics.median(times["baseline"]), statistics.median(times["probe_every_step"])
     per_probe = (probe - base) / base
     return {
@@ -236,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = common.pick_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    example = _import_package_and_example()
+    example = _import_example()
     command = common.command_line(argv, __file__)
     machine = common.machine_info(device)
     keys = ("cpu_model", "cpu_count", "torch_threads", "load_average", "platform", "python", "torch", "lightning")
@@ -263,17 +228,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     fits = []
     print(f"\n== end to end (lightning.Trainer, probe_size=16, {args.fit_rounds} rounds x {args.fit_steps} steps) ==")
     print("layers  baseline step  probe every step  probe/step  amortised at every_n_steps=100")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-fit banners between the rows
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        for layers in _ints(args.layers):
-            f = end_to_end(example, layers, args, device)
-            fits.append(f)
-            s = f["median_step_ms"]
-            print(
-                f"{layers:6d}  {s['baseline']:10.2f} ms  {s['probe_every_step']:13.2f} ms  "
-                f"{f['probe_step_equivalents']:10.3f}  {f['amortised_overhead_at_default_every_n_steps']:+.2%}"
-            )
+    common.quiet_lightning()  # no per-fit banners between the rows
+    for layers in _ints(args.layers):
+        f = end_to_end(example, layers, args, device)
+        fits.append(f)
+        s = f["median_step_ms"]
+        print(
+            f"{layers:6d}  {s['baseline']:10.2f} ms  {s['probe_every_step']:13.2f} ms  "
+            f"{f['probe_step_equivalents']:10.3f}  {f['amortised_overhead_at_default_every_n_steps']:+.2%}"
+        )
     elapsed = time.perf_counter() - started
     print(f"\ntotal {elapsed:.0f} s")
     path = args.json or common.OUT_DIR / f"gates_{device.type}{'_quick' if args.quick else ''}.json"

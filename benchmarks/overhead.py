@@ -83,11 +83,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import math
 import os
 import platform
-import random
 import statistics
 import sys
 import tempfile
@@ -99,18 +97,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import resource
-except ImportError:  # not POSIX
-    resource = None  # type: ignore[assignment]
-
+import _common as common
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
-
-if str(Path(__file__).resolve().parent) not in sys.path:  # `python -m benchmarks.overhead`, imports from tests
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as common
 
 ARMS = ("baseline", "gradflow", "gradflow_clip", "lightning_grad_norm", "naive_loop")
 LOGGERS = ("csv", "noop")
@@ -326,27 +316,6 @@ def model_shapes(model: str, cfg: Config) -> dict[str, int]:
     return shapes
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: causal self-attention (SDPA) and a 4x GELU MLP."""
-
-    def __init__(self, d_model: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln_1 = nn.LayerNorm(d_model)
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
-        self.ln_2 = nn.LayerNorm(d_model)
-        self.fc = nn.Linear(d_model, 4 * d_model)
-        self.fc_proj = nn.Linear(4 * d_model, d_model)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
-        return x + self.fc_proj(F.gelu(self.fc(self.ln_2(x))))
-
-
 class LanguageModel:
     """Shared by both models: next-token cross-entropy, the loss logged every step, one optimizer kept across fits."""
 
@@ -387,7 +356,7 @@ def make_module_classes() -> dict[str, type]:
             super().__init__()
             self.tok_emb = nn.Embedding(vocab, d_model)
             self.pos_emb = nn.Embedding(seq_len, d_model)
-            self.blocks = nn.ModuleList(Block(d_model, heads) for _ in range(layers))
+            self.blocks = nn.ModuleList(common.Block(d_model, heads) for _ in range(layers))
             self.ln_f = nn.LayerNorm(d_model)
             self.head = nn.Linear(d_model, vocab, bias=False)
             self.head.weight = self.tok_emb.weight  # tied, as in GPT-2
@@ -504,154 +473,6 @@ def make_noop_logger() -> Any:
     return NoOpLogger()
 
 
-# ---------------------------------------------------------------------------------------------------- timing
-
-
-@dataclass
-class BlockTimes:
-    round: int
-    steps: list[int]
-    ms: list[float]
-    host_ms: list[float]
-    hook_ms: list[float]
-    hook_host_ms: list[float]
-    minor_faults: list[int] = field(default_factory=list)
-
-
-def minor_faults() -> int:
-    """Minor page faults of the calling thread so far (0 where ``RUSAGE_THREAD`` does not exist)."""
-    who = getattr(resource, "RUSAGE_THREAD", None) if resource is not None else None
-    return 0 if who is None else resource.getrusage(who).ru_minflt
-
-
-class TurnTaker:
-    """Lets one thread at a time run: the turn goes round a ring of names, in a new random order every lap."""
-
-    def __init__(self, names: Sequence[str], seed: int) -> None:
-        self.cond = threading.Condition()
-        self.ring = list(names)
-        self.turn: str | None = self.ring[0] if self.ring else None
-        self.rng = random.Random(seed)
-
-    def wait(self, name: str) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.turn == name)
-
-    def pass_on(self, name: str) -> None:
-        with self.cond:
-            i = self.ring.index(name)
-            if i + 1 < len(self.ring):
-                self.turn = self.ring[i + 1]
-            else:  # a lap is over: shuffle, so no variant always follows the same one (nor runs twice in a row)
-                self.ring = self.rng.sample(self.ring, len(self.ring))
-                if len(self.ring) > 1 and self.ring[0] == name:
-                    self.ring[0], self.ring[1] = self.ring[1], self.ring[0]
-                self.turn = self.ring[0]
-            self.cond.notify_all()
-
-    def leave(self, name: str) -> None:
-        with self.cond:
-            i = self.ring.index(name)
-            self.ring.pop(i)
-            if self.turn == name:
-                self.turn = self.ring[i % len(self.ring)] if self.ring else None
-            self.cond.notify_all()
-
-
-class StepClock:
-    """Times every step from one ``on_train_batch_start`` to the next (and the arm's hooks within it).
-
-    Block mode: a step ends where the next one starts. Step mode (``turns`` given): at each ``on_train_batch_start``
-    the step before ends (after a CUDA synchronisation), the turn passes to the next variant, and the new step starts
-    when the turn comes back. A ``Callback`` is made in :func:`make_clock`; this holds the logic.
-    """
-
-    def __init__(self, device: torch.device, name: str, turns: TurnTaker | None = None) -> None:
-        self.cuda = device.type == "cuda"
-        self.name = name
-        self.turns = turns
-        self.step = -1
-        # [step, host start, event start, faults at start, host end, event end, faults at end]
-        self.records: list[list[Any]] = []
-        self.hooks: dict[int, list[Any]] = {}
-
-    def _now(self) -> tuple[float, Any]:
-        event = None
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-        return time.perf_counter(), event
-
-    def mark(self, step: int) -> None:
-        now, event = self._now()
-        faults = minor_faults()
-        if self.records and self.records[-1][4] is None:
-            if self.turns is not None and self.cuda:
-                torch.cuda.synchronize()
-                now = time.perf_counter()
-            self.records[-1][4:] = [now, event, faults]
-            if self.turns is not None:
-                self.turns.pass_on(self.name)
-                self.turns.wait(self.name)
-                now, event = self._now()
-        self.records.append([step, now, event, faults, None, None, None])
-        self.step = step
-
-    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn``, adding its time (host; CUDA events on CUDA) to the current step's hook time."""
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = end = None
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                host = (time.perf_counter() - t0) * 1e3
-                if end is not None:
-                    end.record()
-                self.hooks.setdefault(self.step, []).append((host, start, end))
-
-        return timed
-
-    def take(self, round_of: Callable[[int], int | None]) -> list[BlockTimes]:
-        """The finished steps, grouped into blocks by ``round_of(step)`` (``None``: not measured), and resets."""
-        if self.cuda:
-            torch.cuda.synchronize()
-        blocks: dict[int, BlockTimes] = {}
-        for step, t0, e0, f0, t1, e1, f1 in self.records:
-            r = round_of(step)
-            if t1 is None or r is None:
-                continue
-            out = blocks.setdefault(r, BlockTimes(r, [], [], [], [], []))
-            host = (t1 - t0) * 1e3
-            out.steps.append(step)
-            out.host_ms.append(host)
-            out.ms.append(e0.elapsed_time(e1) if self.cuda else host)
-            hooks = self.hooks.get(step, [])
-            out.hook_host_ms.append(sum(h for h, _, _ in hooks))
-            out.hook_ms.append(sum(s.elapsed_time(e) for _, s, e in hooks) if self.cuda else out.hook_host_ms[-1])
-            out.minor_faults.append(f1 - f0)
-        self.records.clear()
-        self.hooks.clear()
-        return [blocks[r] for r in sorted(blocks)]
-
-
-def make_clock(device: torch.device, name: str, turns: TurnTaker | None) -> Any:
-    from lightning.pytorch import Callback
-
-    class ClockCallback(Callback):
-        def __init__(self) -> None:
-            self.clock = StepClock(device, name, turns)
-
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            self.clock.mark(trainer.global_step)
-
-    return ClockCallback()
-
-
 # ---------------------------------------------------------------------------------------------------- variants
 
 
@@ -662,16 +483,15 @@ class Variant:
     logger_kind: str
     module: Any
     trainer: Any
-    clock: StepClock
+    clock: common.StepClock
     loader: Any
-    blocks: list[BlockTimes] = field(default_factory=list)
+    blocks: list[common.BlockTimes] = field(default_factory=list)
     error: str | None = None
 
 
 def build_variant(
-    name: str, model: str, shapes: dict[str, int], cfg: Config, tmp: Path, turns: TurnTaker | None
+    name: str, model: str, shapes: dict[str, int], cfg: Config, tmp: Path, turns: common.TurnTaker | None
 ) -> Variant:
-    from lightning.pytorch import Trainer
     from lightning.pytorch.loggers import CSVLogger
 
     from lightning_gradflow import GradientFlowCallback
@@ -683,8 +503,8 @@ def build_variant(
     torch.manual_seed(cfg.seed)  # every variant's model starts from the same weights
     module = cls(**shapes)
     module.fused_adam = cfg.device.type == "cuda"
-    clock_cb = make_clock(cfg.device, name, turns)
-    clock: StepClock = clock_cb.clock
+    clock_cb = common.clock_callback(cfg.device, name, turns)
+    clock: common.StepClock = clock_cb.clock
     monitor: Any = None
     if arm == "gradflow":
         monitor = GradientFlowCallback()
@@ -703,19 +523,14 @@ def build_variant(
         logger: Any = CSVLogger(str(tmp / model), name=name.replace("@", "_").replace("#", "_"))
     else:
         logger = make_noop_logger()
-    trainer = Trainer(
-        accelerator="gpu" if cfg.device.type == "cuda" else "cpu",
-        devices=1,
+    trainer = common.quiet_trainer(
+        cfg.device,
         precision=cfg.precision,
         max_epochs=-1,
         max_steps=0,
         logger=logger,
         callbacks=callbacks,
         log_every_n_steps=cfg.log_every,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
         limit_val_batches=0,
     )
     loader = torch.utils.data.DataLoader(
@@ -744,8 +559,7 @@ def run_blocks(variants: list[Variant], cfg: Config, progress: Callable[[str], N
         steps = cfg.warmup_steps if r == 0 else cfg.steps
         if steps == 0:
             continue
-        shift = r % len(variants)
-        for v in variants[shift:] + variants[:shift]:
+        for v in common.rotated(variants, r):
             gc.collect()
             first = v.trainer.global_step
             if _fit(v, first + steps, r) and r > 0:
@@ -756,7 +570,9 @@ def run_blocks(variants: list[Variant], cfg: Config, progress: Callable[[str], N
         progress("warm-up" if r == 0 else f"round {r}/{cfg.rounds}")
 
 
-def run_lockstep(variants: list[Variant], turns: TurnTaker, cfg: Config, progress: Callable[[str], None]) -> None:
+def run_lockstep(
+    variants: list[Variant], turns: common.TurnTaker, cfg: Config, progress: Callable[[str], None]
+) -> None:
     """Step mode: every variant's single ``fit`` in its own thread; the turn passes from variant to variant each step.
 
     Only the thread holding the turn runs (set-up and tear-down included), so the variants never compete for the
@@ -793,7 +609,7 @@ def describe_model(module: nn.Module) -> dict[str, Any]:
 
 def run_model(model: str, cfg: Config) -> dict[str, Any]:
     shapes = model_shapes(model, cfg)
-    turns = TurnTaker(cfg.variants, cfg.seed) if cfg.interleave == "step" else None
+    turns = common.TurnTaker(cfg.variants, cfg.seed) if cfg.interleave == "step" else None
     with tempfile.TemporaryDirectory(prefix="gradflow_overhead_") as tmp:
         variants = [build_variant(name, model, shapes, cfg, Path(tmp), turns) for name in cfg.variants]
         info = describe_model(variants[0].module)
@@ -1082,22 +898,6 @@ def print_header(cfg: Config, machine: dict[str, Any], command: str) -> None:
         print(f"warning: load average {load[0]} on {cpus} CPUs: other processes compete for the cores; {advice}")
 
 
-def quiet_lightning() -> None:
-    """Silences Lightning's start-up chatter and the warnings that this set-up triggers on purpose."""
-    import lightning.pytorch  # noqa: F401  (sets its loggers' levels on import: import first, then override)
-
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for pattern in (
-        r".*does not have many workers.*",
-        r".*isinstance\(treespec, LeafSpec\).*",
-        r".*`max_epochs` was not set.*",
-        r".*Total length of `DataLoader` across ranks is zero.*",
-        r".*You defined a `validation_step`.*",
-    ):
-        warnings.filterwarnings("ignore", message=pattern)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if argv is None and args.malloc_tuning:
@@ -1106,8 +906,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(cfg.threads)
     if cfg.device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-    common.import_package()
-    quiet_lightning()
+    common.quiet_lightning()
     command = common.command_line(argv, __file__)
     machine = machine_details(cfg.device)
     print_header(cfg, machine, command)
@@ -1115,7 +914,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        quiet_lightning()
+        common.quiet_lightning()
         for model in cfg.models:
             results.append(run_model(model, cfg))
             print_model(results[-1], cfg)

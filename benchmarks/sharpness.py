@@ -37,33 +37,24 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import platform
-import shlex
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import _common as common
 import torch
 from torch import Tensor, nn
 
 from lightning_gradflow.curvature import HessianVectorProduct, batch_sharpness, fixed_dropout, isolated
 from lightning_gradflow.curvature import lanczos as curvature_lanczos
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-OUT_DIR = REPO_ROOT / "benchmarks" / "out"
 METHODS = ("double_backward", "finite_difference")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
+    p = common.base_parser(__doc__)
     p.add_argument("--models", default="transformer,mlp", help="comma-separated: transformer, mlp")
     p.add_argument("--hvps", type=int, default=20, help="Lanczos products per λ_max estimate (default 20)")
     p.add_argument("--tol", type=float, default=1e-3, help="Lanczos early-stop tolerance (callback default 1e-3)")
@@ -82,39 +73,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": _version("lightning"),
-        "pyhessian": _version("pyhessian") or ("importable" if _pyhessian() is not None else None),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu_name"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def _pyhessian() -> Any:
     try:
         import pyhessian  # type: ignore[import-not-found]
@@ -126,29 +84,11 @@ def _pyhessian() -> Any:
 # ------------------------------------------------------------------------------------------------------ models
 
 
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, h: Tensor) -> Tensor:
-        b, t, d = h.shape
-        q, k, v = self.qkv(self.norm1(h)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
-        mask = torch.ones(t, t, dtype=torch.bool, device=h.device).triu(1)
-        attn = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1) @ v
-        h = h + self.proj(attn.transpose(1, 2).reshape(b, t, d))
-        return h + self.ff(self.norm2(h))
-
-
 class TinyGPT(nn.Module):
     def __init__(self, vocab: int, d: int, layers: int, heads: int, seq: int) -> None:
         super().__init__()
         self.embed, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.zeros(seq, d))
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(common.Block(d, heads, explicit_attention=True) for _ in range(layers))
         self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -187,11 +127,6 @@ def build(name: str, quick: bool, device: torch.device) -> tuple[nn.Module, Tens
 
 
 # ------------------------------------------------------------------------------------------------------ timing
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -291,20 +226,20 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> 
         parts[f"batch sharpness, {method}"] = batch(method)
     if pyhessian is not None:
         parts[PYHESSIAN] = pyhessian_power
-    times: dict[str, list[float]] = {k: [] for k in parts}
-    for round_ in range(args.warmup + args.reps):
+
+    def before_round(round_: int) -> None:
         current_round[0] = round_
         for _ in range(args.warm_gap - 1):  # untimed: more weight change between two warm estimates
             step()
-        for part, fn in parts.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            if round_ >= args.warmup:
-                times[part].append(time.perf_counter() - start)
+
+    def after_round(round_: int) -> None:
         if round_ >= args.warmup:  # untimed, at the same weights as this round's estimates
             reference[round_] = estimate("double_backward", args.reference_hvps, None, True, None)[0]
+
+    times_ms = common.interleave(
+        parts, args.reps, device, warmup=args.warmup, before_round=before_round, after_round=after_round
+    )
+    times = {part: [ms / 1e3 for ms in samples] for part, samples in times_ms.items()}
     step_time = statistics.median(times["training step"])
     rows = []
     for part, samples in times.items():
@@ -356,24 +291,22 @@ def print_report(results: list[dict[str, Any]]) -> None:
             print(f"  {key:<40} {value:12.6g}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    machine = machine_info(device)
-    print(json.dumps(machine))
-    results = [measure_model(name, args, device) for name in args.models.split(",") if name.strip()]
+    device = common.pick_device(args.device)
+    command = common.command_line(argv, __file__)
+    pyhessian = common.package_version("pyhessian") or ("importable" if _pyhessian() is not None else None)
+    machine = common.machine_info(device, extra={"pyhessian": pyhessian})
+    keys = ("cpu_model", "cpu_count", "torch_threads", "load_average", "torch", "lightning", "pyhessian", "device")
+    common.print_machine(command, machine, keys)
+    results = [measure_model(name, args, device) for name in common.split_list(args.models)]
     print_report(results)
-    path = args.json or OUT_DIR / f"sharpness_{device.type}{'_quick' if args.quick else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
-    path.write_text(json.dumps({"command": command, "machine": machine, "results": results}, indent=1))
-    print(f"\nwritten: {path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}")
+    path = args.json or common.OUT_DIR / f"sharpness_{device.type}{'_quick' if args.quick else ''}.json"
+    common.write_json(path, common.run_record(command, machine, common.config_dict(args), results=results))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

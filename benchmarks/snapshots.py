@@ -26,24 +26,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import _common as common
 import torch
 from torch import nn
 
 from lightning_gradflow.collapse import restore_snapshot, take_snapshot
 
-if str(Path(__file__).resolve().parent) not in sys.path:  # `python -m benchmarks.snapshots`, imports from tests
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as common
-
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = common.base_parser(__doc__, device=False)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model trains (default cpu)")
     p.add_argument("--widths", default="256,1024,2048", help="comma-separated layer widths (default 256,1024,2048)")
     p.add_argument("--depth", type=int, default=4, help="square Linear layers per model (default 4)")
@@ -53,14 +48,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="widths 64,256 and 3 reps")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/out/snapshots_<device>.json)")
     return p.parse_args(argv)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    common.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    common.synchronize(device)
-    return time.perf_counter() - start
 
 
 def measure(width: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -98,13 +85,9 @@ def measure(width: int, args: argparse.Namespace, device: torch.device) -> dict[
     for target in snapshot_devices:
         parts[f"snapshot_{target}"] = snap(target)
         parts[f"restore_{target}"] = restore(target)
-    for _ in range(3):  # warm-up (Adam state exists after the first step)
-        for fn in parts.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in parts}
-    for _ in range(args.reps):
-        for name, fn in parts.items():
-            times[name].append(_timed(fn, device))
+    # 3 warm-up rounds: Adam's state exists after the first step
+    times_ms = common.interleave(parts, args.reps, device, warmup=3)
+    times = {name: [ms / 1e3 for ms in values] for name, values in times_ms.items()}
     params = sum(p.numel() for p in model.parameters())
     row: dict[str, Any] = {
         "width": width,

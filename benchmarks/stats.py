@@ -45,12 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import _common as common
 import torch
 from torch import Tensor, nn
-
-if str(Path(__file__).resolve().parent) not in sys.path:  # `python -m benchmarks.stats`, imports from tests
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as common
 
 if TYPE_CHECKING:
     from lightning_gradflow.stats import Backend
@@ -485,8 +482,7 @@ def time_interleaved(methods: list[Method], probe_ms: dict[str, float], cfg: Con
                 active = [m for m in methods if m.name not in slow]
             else:
                 active = [m for m in methods if wants_more(timings[m.name], cfg)]
-            shift = r % max(1, len(active))
-            for m in active[shift:] + active[:shift]:
+            for m in common.rotated(active, r):
                 device_ms, host_ms = timer(m.fn)
                 if not warmup:
                     timings[m.name].device_ms.append(device_ms)
@@ -836,7 +832,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = make_config(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    common.import_package()
     command = common.command_line(argv, __file__)
     machine = common.machine_info(cfg.device, "loadavg_start", {"triton_interpret": os.environ.get("TRITON_INTERPRET")})
     print_header(cfg, machine, command)

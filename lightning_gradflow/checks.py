@@ -73,18 +73,17 @@ def check_int(
         >>> check_int("patience", 11, high=10)
         Traceback (most recent call last):
         ...
-        ValueError: Expected `patience` <= 10, but got 11.
+        ValueError: Expected `patience` in [1, 10], but got 11.
     """
     if value is None and allow_none:
         return None
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"Expected `{name}` to be an int, but got {type(value).__name__}: {value!r}.")
     why = f" ({what})" if what else ""
-    if value < low:
-        bound = "> 0" if low == 1 else f">= {low}"
+    if value < low or (high is not None and value > high):
+        lower = "> 0" if low == 1 else f">= {low}"
+        bound = lower if high is None else f"in [{low}, {high}]"
         raise ValueError(f"Expected `{name}` {bound}{why}, but got {value}.")
-    if high is not None and value > high:
-        raise ValueError(f"Expected `{name}` <= {high}{why}, but got {value}.")
     return value
 
 

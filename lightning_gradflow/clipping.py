@@ -5,9 +5,17 @@ kept on the device, so a training step never waits for the host. ``agc`` works p
 :func:`agc_clip_`). State lives in plain tensors and round-trips through ``state_dict``; :meth:`~ZScoreClipper.
 rollback_state` / :meth:`~ZScoreClipper.restore_rollback_state` keep device copies for in-memory rollbacks.
 
-Each setting is declared, with its default and its bounds, once: :class:`ZClipConfig` and :class:`AutoClipConfig`
-(the callback takes the same names as flat arguments). Gradients may be dense or sparse (:func:`scale_grads_`,
-:func:`agc_clip_`), real or complex.
+Each setting is declared, with its default and its bounds, once: :class:`TrendClipConfig`, :class:`ZClipConfig` and
+:class:`AutoClipConfig` (the callback takes the same names as flat arguments).
+
+``"trend"`` (:class:`TrendClipper`, the default) and ``"zscore"`` (:class:`ZScoreClipper`, ZClip's exact rule) differ in
+what they call a spike. ZClip compares the norm with an EMA of the norm itself: while norms rise in healthy early
+training every new norm sits above the lagging mean, and with a small variance a rise of 20 % is a "spike" that gets
+clipped, slowing the run. The trend rule compares the *logarithm* of the norm with a level-plus-slope forecast (Holt's
+linear EMA), so a steady rise or fall is predicted rather than punished, and clips only a norm that is both far
+outside the forecast's usual error and at least ``trend_min_ratio`` times the forecast norm.
+
+Gradients may be dense or sparse (:func:`scale_grads_`, :func:`agc_clip_`), real or complex.
 """
 
 from __future__ import annotations
@@ -23,8 +31,8 @@ from torch import Tensor
 from lightning_gradflow.checks import check_float, check_int
 from lightning_gradflow.ema import ema_update
 
-ClipMode = Literal["zscore", "percentile", "agc", "norm"]
-CLIP_MODES: tuple[str, ...] = ("zscore", "percentile", "agc", "norm")
+ClipMode = Literal["trend", "zscore", "percentile", "agc", "norm"]
+CLIP_MODES: tuple[str, ...] = ("trend", "zscore", "percentile", "agc", "norm")
 
 #: Added to norms before dividing (as in ``torch.nn.utils.clip_grad_norm_``).
 NORM_EPS = 1e-6
@@ -72,7 +80,7 @@ class ZClipConfig:
         >>> ZClipConfig(warmup_steps=10**9)
         Traceback (most recent call last):
         ...
-        ValueError: Expected `warmup_steps` <= 100000, but got 1000000000.
+        ValueError: Expected `warmup_steps` in [1, 100000], but got 1000000000.
     """
 
     z_threshold: float = 2.5
@@ -104,6 +112,219 @@ class AutoClipConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "percentile", check_float("percentile", self.percentile, 0.0, 100.0, closed_high=True))
         check_int("percentile_window", self.percentile_window, high=MAX_PERCENTILE_WINDOW)
+
+
+@dataclass(frozen=True)
+class TrendClipConfig:
+    """The trend rule's settings (see :class:`TrendClipper`), declared and validated here only.
+
+    Args:
+        trend_threshold: how many mean absolute forecast errors (of the log-norm) above the forecast a norm must be
+            to be clipped; any finite value > 0 (a huge one never clips after the warm-up).
+        trend_min_ratio: a norm is never clipped below this multiple of the forecast norm; finite, > 1.
+        trend_alpha: EMA decay of the level and of the forecast error, in (0, 1).
+        trend_warmup_steps: finite norms during which only norms above ``warmup_factor`` times the forecast are
+            clipped, at most :data:`MAX_WARMUP_STEPS`.
+
+    Raises:
+        TypeError: for a value of the wrong type.
+        ValueError: for a value out of its bounds.
+
+    Example::
+
+        >>> TrendClipConfig(trend_min_ratio=3).trend_min_ratio
+        3.0
+        >>> TrendClipConfig(trend_min_ratio=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `trend_min_ratio` to be a finite number > 1, but got 1.
+    """
+
+    trend_threshold: float = 4.0
+    trend_min_ratio: float = 3.0
+    trend_alpha: float = 0.95
+    trend_warmup_steps: int = 10
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "trend_threshold", check_float("trend_threshold", self.trend_threshold))
+        object.__setattr__(self, "trend_min_ratio", check_float("trend_min_ratio", self.trend_min_ratio, 1.0))
+        object.__setattr__(self, "trend_alpha", check_float("trend_alpha", self.trend_alpha, 0.0, 1.0))
+        check_int("trend_warmup_steps", self.trend_warmup_steps, high=MAX_WARMUP_STEPS)
+
+
+#: Norms at or below this are not measured in log space (a zero gradient says nothing about the trend).
+_TINY_NORM = 1e-30
+#: Log-margins are capped here: ``exp`` of the threshold stays inside float32 (a larger margin clips nothing anyway).
+_MAX_LOG_MARGIN = 80.0
+
+
+class TrendClipper:
+    """Clips isolated spikes of the global norm against a robust trend of its logarithm (the default rule).
+
+    With ``y = log(norm)``, a level ``L`` and a slope ``b`` follow ``y`` (Holt's linear EMA) and ``s``, the EMA of
+    ``|y − (L + b)|``, measures how far the forecast usually misses. A norm is clipped when it exceeds
+
+    ``threshold = exp(L + b + m)``, ``m = max(trend_threshold · s, log(trend_min_ratio))`` (at most
+    ``log(warmup_factor)``)
+
+    so (a) a healthy trend, rising or falling, is forecast instead of flagged; (b) working in log space makes the
+    rule scale-free and keeps one large norm from inflating the spread; (c) nothing within ``trend_min_ratio`` × the
+    forecast is ever clipped, however quiet the run was before; (d) nothing above ``warmup_factor`` × the forecast
+    passes, however noisy it was. As in ZClip, an outlier enters the statistics clipped by the reciprocal rule,
+    ``forecast + m0² / residual`` with ``m0 = log(trend_min_ratio)``: the larger the spike, the less it moves the
+    level, and it never moves the slope or the spread. A non-finite (or zero) norm leaves the statistics untouched.
+    Like ZClip, the rule judges a norm against the run's own history: a lasting jump of the norm by more than
+    ``trend_min_ratio`` is clipped until the trend has caught up (slowly, by design); ``clip_value`` adds a hard cap.
+
+    Adaptive warm-up: the EMA weights start as running means (``α_t = min(α, t / (t + 1))``), so the statistics are
+    usable from the second norm on, and during the first ``warmup_steps`` finite norms only norms above
+    ``warmup_factor`` × the forecast are clipped (a run that explodes in its first steps is still bounded).
+
+    Everything is kept on the device: no call reads a value back to the host.
+
+    Args:
+        threshold: ``trend_threshold`` of :class:`TrendClipConfig`.
+        min_ratio: ``trend_min_ratio`` of :class:`TrendClipConfig`.
+        alpha: ``trend_alpha`` of :class:`TrendClipConfig` (the slope uses ``slope_alpha``).
+        warmup_steps: ``trend_warmup_steps`` of :class:`TrendClipConfig`.
+        max_norm: optional hard cap applied on top (``None`` for none).
+        slope_alpha: EMA decay of the slope, in (0, 1).
+        warmup_factor: the spike bound during warm-up and the widest margin after it, as a multiple of the forecast
+            norm (> 1).
+        max_slope: bound on ``|b|``, the trend's log-growth per step (0.05: about 5 % a step). A healthy rise is
+            slower; a divergence grows faster than the trend may, falls behind it and is clipped. For about 35 steps
+            after a clip, the trend may not rise at all.
+
+    Example::
+
+        >>> clipper = TrendClipper()
+        >>> norms = [1.0 * 1.02**t for t in range(60)]  # a healthy rise: never clipped
+        >>> all(float(clipper(torch.tensor(g))) >= g for g in norms)
+        True
+        >>> float(clipper(torch.tensor(100.0))) < 10  # a spike: clipped to about three times the trend
+        True
+    """
+
+    _STATE = ("count", "level", "slope", "spread", "clip_rate")
+
+    def __init__(
+        self,
+        threshold: float = TrendClipConfig.trend_threshold,
+        min_ratio: float = TrendClipConfig.trend_min_ratio,
+        alpha: float = TrendClipConfig.trend_alpha,
+        warmup_steps: int = TrendClipConfig.trend_warmup_steps,
+        max_norm: float | None = None,
+        slope_alpha: float = 0.9,
+        warmup_factor: float = 10.0,
+        max_slope: float = 0.05,
+    ) -> None:
+        config = TrendClipConfig(threshold, min_ratio, alpha, warmup_steps)
+        self.threshold = config.trend_threshold
+        self.min_ratio = config.trend_min_ratio
+        self.alpha = config.trend_alpha
+        self.warmup_steps = config.trend_warmup_steps
+        self.max_norm = max_norm_threshold(max_norm)
+        self.slope_alpha = check_float("slope_alpha", slope_alpha, 0.0, 1.0)
+        self.warmup_factor = check_float("warmup_factor", warmup_factor, 1.0)
+        self.max_slope = check_float("max_slope", max_slope)
+        # float32 margins: a threshold beyond 1e30 (times a zero spread) must not become inf · 0
+        self._min_margin = min(math.log(self.min_ratio), _MAX_LOG_MARGIN)
+        self._warm_margin = min(math.log(self.warmup_factor), _MAX_LOG_MARGIN)
+        self.steps = 0  # calls so far (host counter)
+        self.count: Tensor | None = None  # finite norms seen (device)
+        self.level: Tensor | None = None
+        self.slope: Tensor | None = None
+        self.spread: Tensor | None = None
+        self.clip_rate: Tensor | None = None  # EMA of the fraction of steps clipped
+
+    def __call__(self, norm: Tensor) -> Tensor:
+        """The threshold for this step's global norm (0-dim, on ``norm``'s device); updates the statistics."""
+        norm = norm.detach().float()
+        if self.count is None:
+            zeros = [torch.zeros((), device=norm.device) for _ in self._STATE]
+            self.count, self.level, self.slope, self.spread, self.clip_rate = zeros
+        assert self.level is not None and self.slope is not None and self.spread is not None
+        assert self.clip_rate is not None
+        self.steps += 1
+        t = self.count
+        usable = torch.isfinite(norm) & (norm > _TINY_NORM)
+        y = norm.clamp(min=_TINY_NORM).log()
+        forecast = self.level + self.slope
+        # between trend_min_ratio and warmup_factor times the forecast: a chaotic run cannot widen its own tolerance
+        margin = (min(self.threshold, 1e30) * self.spread).clamp(min=self._min_margin)
+        margin = torch.where(t < self.warmup_steps, torch.full_like(margin, math.inf), margin)
+        margin = margin.clamp(max=max(self._warm_margin, self._min_margin))
+        log_threshold = torch.where(t > 0, forecast + margin, torch.full_like(y, math.inf))
+        outlier = (t > 0) & (y > log_threshold)
+        # an outlier enters the statistics at forecast + m0 · m0 / residual, m0 = log(min_ratio) (ZClip's reciprocal
+        # rule, in log space): the larger the spike, the less it moves the trend; a divergence cannot drag it along
+        residual = (y - forecast).clamp(min=1e-6)
+        m0 = self._min_margin
+        y_fed = torch.where(outlier, forecast + m0 * (m0 / residual).clamp(max=1.0), y)
+        a = torch.minimum(torch.full_like(t, self.alpha), t / (t + 1))  # 0 for the first norm: the level is y
+        a_slope = torch.minimum(torch.full_like(t, self.slope_alpha), (t - 1).clamp(min=0) / t.clamp(min=1))
+        level = a * forecast + (1 - a) * y_fed
+        slope = (a_slope * self.slope + (1 - a_slope) * (level - self.level)).clamp(-self.max_slope, self.max_slope)
+        slope = torch.where((t > 0) & ~outlier, slope, self.slope)  # outliers never steer the trend
+        # while it keeps clipping, the run is not trending up healthily: the trend may fall or hold, not rise
+        clip_rate = torch.where(t > 0, 0.98 * self.clip_rate + 0.02 * outlier.float(), self.clip_rate)
+        slope = torch.where(clip_rate > 0.01, slope.clamp(max=0.0), slope)
+        spread = torch.where((t > 0) & ~outlier, a * self.spread + (1 - a) * (y - forecast).abs(), self.spread)
+        self.level = torch.where(usable, level, self.level)
+        self.slope = torch.where(usable, slope, self.slope)
+        self.spread = torch.where(usable, spread, self.spread)
+        self.clip_rate = torch.where(usable, clip_rate, self.clip_rate)
+        self.count = t + usable.float()
+        threshold = log_threshold.exp()  # inf before the first norm; a non-finite norm gets the bound it faced
+        return threshold if self.max_norm is None else threshold.clamp(max=self.max_norm)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Host copies of the statistics (read at checkpoint time only)."""
+        if self.count is None:
+            return {"steps": self.steps}
+        return {"steps": self.steps, **{name: float(getattr(self, name)) for name in self._STATE}}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        """Restores :meth:`state_dict` output (onto ``device``).
+
+        Raises:
+            ValueError: for statistics that cannot come from this clipper: a negative or non-finite count or spread,
+                or a non-finite level or slope.
+        """
+        steps = _non_negative_int("steps", state["steps"])
+        if "count" not in state:
+            self.steps = steps
+            self.count = self.level = self.slope = self.spread = self.clip_rate = None
+            return
+        values = {name: float(state[name]) for name in self._STATE}
+        bad = values["count"] < 0 or values["spread"] < 0 or not 0 <= values["clip_rate"] <= 1
+        if not all(math.isfinite(v) for v in values.values()) or bad:
+            raise ValueError(f"trend clip statistics out of range: {values}")
+        self.steps = steps
+        for name, value in values.items():
+            setattr(self, name, torch.tensor(value, device=device))
+
+    def rollback_state(self) -> dict[str, Any]:
+        """Device copies of the statistics (no host sync), for :meth:`restore_rollback_state`."""
+        state: dict[str, Any] = {"steps": self.steps}
+        for name in self._STATE:
+            value = getattr(self, name)
+            state[name] = None if value is None else value.clone()
+        return state
+
+    def restore_rollback_state(self, state: dict[str, Any]) -> None:
+        """Returns to the statistics of :meth:`rollback_state` (copied again: the state can be restored twice)."""
+        self.steps = int(state["steps"])
+        for name in self._STATE:
+            value = state[name]
+            setattr(self, name, None if value is None else value.clone())
+
+    def to(self, device: torch.device) -> None:
+        """Moves the statistics to ``device``."""
+        for name in self._STATE:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
 
 
 def clip_coefficient(norm: Tensor, threshold: Tensor) -> Tensor:

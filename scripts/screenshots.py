@@ -1,8 +1,10 @@
 """Takes the README's TensorBoard screenshots: a real ``tensorboard`` server, a headless Chromium, PNGs in docs/images.
 
-    python scripts/screenshots.py                      # run the demo (short), then shoot its logs
-    python scripts/screenshots.py --logdir runs/demo   # shoot existing logs
-    python scripts/screenshots.py --source builtin     # a self-contained short run instead of the demo
+    python -m scripts.screenshots                      # run the demo (short), then shoot its logs
+    python -m scripts.screenshots --logdir runs/demo   # shoot existing logs
+    python -m scripts.screenshots --source builtin     # a short run of the support matrix's model instead of the demo
+
+(from the repository root: ``--source builtin`` imports ``scripts.support_matrix`` and ``tests.helpers``).
 
 Needs Chromium (``apt-get install -y chromium``; ``--chromium`` for another binary). Each view is one URL of
 TensorBoard's own UI (``#custom_scalars``, ``#scalars&tagFilter=...``, ...), rendered with
@@ -105,9 +107,8 @@ def run_builtin(logdir: Path, steps: int) -> None:
     from lightning.pytorch import Trainer, seed_everything
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from matrix_models import TinyLSTM, sequence_loader
-    from support_matrix import CALLBACK_FACTORIES
+    from scripts.support_matrix import CALLBACK_FACTORIES
+    from tests.helpers.matrix_models import TinyLSTM, sequence_loader
 
     seed_everything(0, verbose=False)
     callbacks = []

@@ -1,8 +1,10 @@
-"""Prints the README's support-matrix table, generated from ``tests/support_matrix.py`` (the cells the tests run).
+"""Prints the README's support-matrix table, generated from ``scripts/support_matrix.py`` (the cells the tests run).
 
-    python scripts/support_table.py            # print the table
-    python scripts/support_table.py --write    # replace the table between the README's markers
-    python scripts/support_table.py --check    # exit 1 when the README's table is stale
+From the repository root::
+
+    python -m scripts.support_table            # print the table
+    python -m scripts.support_table --write    # replace the table between the README's markers
+    python -m scripts.support_table --check    # exit 1 when the README's table is stale
 
 The README holds the table between ``<!-- support-matrix:start -->`` and ``<!-- support-matrix:end -->``;
 ``tests/test_support_matrix.py`` fails when it differs from this output.
@@ -14,20 +16,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from scripts.support_matrix import support_table_markdown
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 START_MARKER = "<!-- support-matrix:start -->"
 END_MARKER = "<!-- support-matrix:end -->"
-
-
-def support_table_markdown() -> str:
-    """The support-matrix table (Markdown) for the README, from ``tests/support_matrix.py``."""
-    tests = str(ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    import support_matrix
-
-    return support_matrix.support_table_markdown()
 
 
 def replace_table(text: str, table: str) -> str:
@@ -54,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     updated = replace_table(text, table)
     if args.check:
         if updated != text:
-            print("README.md's support table is stale: run `python scripts/support_table.py --write`", file=sys.stderr)
+            print("README.md's support table is stale: run `python -m scripts.support_table --write`", file=sys.stderr)
             return 1
         return 0
     README.write_text(updated, encoding="utf-8")

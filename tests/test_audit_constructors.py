@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lightning.pytorch import Trainer, seed_everything
-from matrix_models import TinyLSTM, sequence_loader
+from lightning.pytorch import seed_everything
 
 from lightning_gradflow import EarlyCollapseCallback, GateSurgeryCallback, GradientFlowCallback, SharpnessCallback
+from tests.helpers.matrix_models import TinyLSTM, sequence_loader
+from tests.helpers.training import quiet_trainer
 
 CLASSES = [GradientFlowCallback, GateSurgeryCallback, SharpnessCallback, EarlyCollapseCallback]
 
@@ -108,18 +109,7 @@ def test_accepted_value_trains(cls: type, name: str, value: Any, tmp_path: Path)
         assert f"`{name}" in message or "auto_intervene" in message, message
         return
     seed_everything(0, verbose=False)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=3,
-        callbacks=[callback],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        log_every_n_steps=1,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(max_steps=3, callbacks=[callback], default_root_dir=str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(TinyLSTM(saturated=True), sequence_loader(n=24))

@@ -15,37 +15,34 @@ from typing import Any
 
 import pytest
 import torch
-from collapse_models import (
-    ComplexLinear,
-    LinearRegressor,
-    ReluMLP,
-    SparseEmbedding,
-    collapse_loader,
-    collapse_trainer,
-    regression_data,
-    same_batch_loader,
-    sparse_loader,
-)
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from models import RecordingLogger
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradflow import EarlyCollapseCallback
 from lightning_gradflow.callbacks.early_collapse import CollapseStopReason
 from lightning_gradflow.channel import Event, channel_for
+from tests.helpers.collapse_models import (
+    ComplexLinear,
+    LinearRegressor,
+    ReluMLP,
+    SparseEmbedding,
+    collapse_loader,
+    regression_data,
+    same_batch_loader,
+    sparse_loader,
+)
+from tests.helpers.training import RecordingLogger, quiet_trainer, same_tensors, state_copy
 
 STEPS = 120
 EXTREME = 60
 
 
-@pytest.fixture(autouse=True)
-def _quiet() -> Any:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*EarlyCollapseCallback.*", category=RuntimeWarning)
-        warnings.filterwarnings("ignore", message=".*GradientFlowCallback.*")
-        yield
+# the callbacks' warnings are expected here (tests that check them record them)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*EarlyCollapseCallback.*:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:.*GradientFlowCallback.*"),
+]
 
 
 class GradNorms(Callback):
@@ -68,14 +65,6 @@ class GradNorms(Callback):
             self.verdicts[v.step] = v
 
 
-def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def _kinds(callback: EarlyCollapseCallback) -> list[tuple[int, str]]:
     return [(i.step, i.kind) for i in callback.interventions]
 
@@ -91,7 +80,7 @@ def test_sparse_gradients_are_judged_skipped_and_rolled_back(optimizer: str, man
     model = SparseEmbedding(optimizer=optimizer, manual=manual)
     callback = EarlyCollapseCallback(auto_intervene=True, snapshot_every_n_steps=2, rollback_patience=1)
     probe = GradNorms(callback)
-    collapse_trainer(callbacks=[probe, callback], max_steps=16).fit(model, sparse_loader(16, nan_batch=9))
+    quiet_trainer(max_epochs=1, callbacks=[probe, callback], max_steps=16).fit(model, sparse_loader(16, nan_batch=9))
     assert _kinds(callback) == [(9, "skip_step"), (9, "rollback")]  # the NaN batch: skipped and rolled back
     assert callback.rollbacks == 1 and all(torch.isfinite(p).all() for p in model.parameters())
     healthy = [s for s in probe.norms if s != 9]
@@ -112,7 +101,7 @@ def test_complex_parameters_are_judged_skipped_and_rolled_back(optimizer: str) -
     loader = DataLoader(TensorDataset(x, y.squeeze(-1)), batch_size=16, shuffle=False)
     callback = EarlyCollapseCallback(auto_intervene=True, snapshot_every_n_steps=2, rollback_patience=1)
     probe = GradNorms(callback)
-    collapse_trainer(callbacks=[probe, callback]).fit(model, loader)
+    quiet_trainer(max_epochs=1, callbacks=[probe, callback]).fit(model, loader)
     assert _kinds(callback) == [(12, "skip_step"), (12, "rollback")]
     assert model.w.dtype == torch.complex64 and bool(torch.isfinite(torch.view_as_real(model.w)).all())
     for step in [s for s in probe.norms if s != 12]:  # the norm over |z|
@@ -138,7 +127,7 @@ def test_a_logger_failing_once_warns_once_and_the_run_completes() -> None:
     seed_everything(0, verbose=False)
     logger = FailOnce()
     callback = EarlyCollapseCallback(auto_intervene=True)
-    trainer = collapse_trainer(callbacks=[callback], logger=logger)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback], logger=logger)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(ReluMLP(), collapse_loader(20))
@@ -175,7 +164,7 @@ def test_an_unusable_snapshot_device_is_refused_at_setup(device: str) -> None:
     callback = EarlyCollapseCallback(auto_intervene=True, snapshot_device=device)
     model = ReluMLP()
     with pytest.raises(MisconfigurationException, match="`snapshot_device="):
-        collapse_trainer(callbacks=[callback], max_steps=3).fit(model, collapse_loader(3))
+        quiet_trainer(max_epochs=1, callbacks=[callback], max_steps=3).fit(model, collapse_loader(3))
 
 
 # ----------------------------------------------------------------------- 5. stopped_reason across resume and fit
@@ -189,7 +178,7 @@ def _stops(tmp_path: Path | None = None) -> tuple[EarlyCollapseCallback, ReluMLP
     x = loader.dataset.tensors[0]  # type: ignore[attr-defined]
     x[10 * 16, 0] = x[11 * 16, 0] = math.nan
     callback = EarlyCollapseCallback(auto_intervene=True, max_rollbacks=0)
-    trainer = collapse_trainer(callbacks=[callback])
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback])
     trainer.fit(model, loader)
     assert callback.stopped_reason is CollapseStopReason.MAX_ROLLBACKS and trainer.global_step == 12
     path = None
@@ -201,22 +190,22 @@ def _stops(tmp_path: Path | None = None) -> tuple[EarlyCollapseCallback, ReluMLP
 
 def test_a_second_fit_of_a_stopped_instance_trains() -> None:
     callback, model, _ = _stops()
-    before = _weights(model)
-    trainer = collapse_trainer(callbacks=[callback])
+    before = state_copy(model)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback])
     trainer.fit(model, collapse_loader(20, seed=1))
     assert trainer.global_step == 20 and callback.stopped_reason is CollapseStopReason.NOT_STOPPED
-    assert not _same(before, _weights(model))  # the gradients were applied, not dropped
+    assert not same_tensors(before, state_copy(model))  # the gradients were applied, not dropped
 
 
 def test_resuming_a_stopped_run_trains_and_says_so(tmp_path: Path) -> None:
     _, model, path = _stops(tmp_path)
-    before = _weights(model)
+    before = state_copy(model)
     callback = EarlyCollapseCallback(auto_intervene=True, max_rollbacks=0)
-    trainer = collapse_trainer(callbacks=[callback], max_steps=30, max_epochs=-1)
+    trainer = quiet_trainer(callbacks=[callback], max_steps=30, max_epochs=-1)
     with pytest.warns(RuntimeWarning, match=r"saved after this callback stopped the run .*MAX_ROLLBACKS.*resumes"):
         trainer.fit(model, collapse_loader(40, seed=1), ckpt_path=str(path))
     assert trainer.global_step == 30 and callback.stopped_reason is CollapseStopReason.NOT_STOPPED
-    assert not _same(before, _weights(model))
+    assert not same_tensors(before, state_copy(model))
 
 
 # ------------------------------------------------------------------------------- 6. detector windows per fit
@@ -228,11 +217,11 @@ def test_a_second_fit_starts_with_fresh_detectors() -> None:
         model = ReluMLP()
         loader = collapse_loader(40, seed=1)
         loader.dataset.tensors[1].mul_(20.0)  # type: ignore[attr-defined]  # a higher loss than the first fit's
-        collapse_trainer(callbacks=[callback]).fit(model, loader)
+        quiet_trainer(max_epochs=1, callbacks=[callback]).fit(model, loader)
 
     reused = EarlyCollapseCallback(auto_intervene=True)
     seed_everything(0, verbose=False)
-    collapse_trainer(callbacks=[reused]).fit(ReluMLP(), collapse_loader(100))
+    quiet_trainer(max_epochs=1, callbacks=[reused]).fit(ReluMLP(), collapse_loader(100))
     first = len(reused.interventions)
     second_fit(reused)
     fresh = EarlyCollapseCallback(auto_intervene=True)
@@ -260,7 +249,9 @@ def test_isolated_nonfinite_batches_never_cut_the_lr() -> None:
     model = LinearRegressor(4, lr)
     callback = EarlyCollapseCallback(auto_intervene=True, every_n_steps=0)
     lrs = LearningRates()
-    collapse_trainer(callbacks=[callback, lrs], log_every_n_steps=50).fit(model, same_batch_loader(x, y, steps, bad))
+    quiet_trainer(max_epochs=1, callbacks=[callback, lrs], log_every_n_steps=50).fit(
+        model, same_batch_loader(x, y, steps, bad)
+    )
     assert _kinds(callback) == [(k, "skip_step") for k in bad]  # each skipped, none a reason to cut the LR
     assert min(lrs.seen) == lr == lrs.seen[-1]
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -306,7 +297,9 @@ def test_a_rollback_hands_every_participant_its_snapshot_time_state() -> None:
     seed_everything(0, verbose=False)
     callback = EarlyCollapseCallback(auto_intervene=True, snapshot_every_n_steps=10)
     joined = JoinCounter()  # listed after the callback: its batch end runs after the restore
-    collapse_trainer(callbacks=[callback, joined]).fit(ReluMLP(), collapse_loader(STEPS, extreme_batch=EXTREME))
+    quiet_trainer(max_epochs=1, callbacks=[callback, joined]).fit(
+        ReluMLP(), collapse_loader(STEPS, extreme_batch=EXTREME)
+    )
     assert (EXTREME + 1, "rollback") in _kinds(callback)
     event = Event("rollback", EXTREME + 1, "EarlyCollapseCallback", {"to_step": EXTREME})
     assert joined.counter.restored == [({"value": EXTREME - 1}, event)]  # its view when the snapshot was taken
@@ -327,7 +320,7 @@ def test_a_representation_warning_does_not_freeze_the_snapshot_ring() -> None:
     for k in (3, 12, 13):  # a NaN batch opens an episode; two in a row later force a rollback
         x[k * 16, 0] = math.nan
     callback = EarlyCollapseCallback(auto_intervene=True, every_n_steps=5, snapshot_every_n_steps=1)
-    collapse_trainer(callbacks=[callback]).fit(model, loader)
+    quiet_trainer(max_epochs=1, callbacks=[callback]).fit(model, loader)
     assert any("of the units of 'act1' are dead" in m for _, m in callback.warnings)
     rollback = next(i for i in callback.interventions if i.kind == "rollback")
     assert (rollback.step, rollback.after) == (13, 12)  # back to the newest healthy step, not to step 3
@@ -344,7 +337,7 @@ def test_monitoring_records_are_what_auto_mode_does(fault: str) -> None:
         if fault == "nan":
             loader.dataset.tensors[0][EXTREME * 16, 0] = math.nan  # type: ignore[attr-defined]
         callback = EarlyCollapseCallback(auto_intervene=auto, snapshot_every_n_steps=10)
-        collapse_trainer(callbacks=[callback]).fit(ReluMLP(), loader)
+        quiet_trainer(max_epochs=1, callbacks=[callback]).fit(ReluMLP(), loader)
         return callback
 
     auto, watched = run(True), run(False)
@@ -360,7 +353,7 @@ def test_the_loss_of_an_accumulated_step_is_the_mean_of_its_micro_batches() -> N
     model = ReluMLP()
     callback = EarlyCollapseCallback(auto_intervene=True)
     probe = GradNorms(callback)
-    trainer = collapse_trainer(callbacks=[callback, probe], accumulate_grad_batches=3, max_epochs=2)
+    trainer = quiet_trainer(callbacks=[callback, probe], accumulate_grad_batches=3, max_epochs=2)
     trainer.fit(model, collapse_loader(10))  # 10 batches per epoch: steps of 3, 3, 3 and 1 micro-batches
     assert trainer.global_step == 8
     micro = [loss for _, loss in model.losses]
@@ -390,7 +383,7 @@ def saved_state() -> dict[str, Any]:
     callback = EarlyCollapseCallback(auto_intervene=True, snapshot_every_n_steps=10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        collapse_trainer(callbacks=[callback]).fit(ReluMLP(), collapse_loader(STEPS, extreme_batch=EXTREME))
+        quiet_trainer(max_epochs=1, callbacks=[callback]).fit(ReluMLP(), collapse_loader(STEPS, extreme_batch=EXTREME))
     assert callback.rollbacks == 1
     return callback.state_dict()
 
@@ -411,10 +404,10 @@ def test_corrupt_state_is_refused_with_a_clear_error(saved_state: dict[str, Any]
 
 def test_resuming_with_another_spike_detector_gives_a_clear_error(tmp_path: Path) -> None:
     seed_everything(0, verbose=False)
-    trainer = collapse_trainer(callbacks=[EarlyCollapseCallback(auto_intervene=True)], max_steps=30)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[EarlyCollapseCallback(auto_intervene=True)], max_steps=30)
     trainer.fit(ReluMLP(), collapse_loader(40))
     trainer.save_checkpoint(tmp_path / "mad.ckpt")
     ema = EarlyCollapseCallback(auto_intervene=True, spike_detector="ema")
-    resumed = collapse_trainer(callbacks=[ema], max_steps=35)
+    resumed = quiet_trainer(max_epochs=1, callbacks=[ema], max_steps=35)
     with pytest.raises(ValueError, match=r"cannot restore .*spike_detector='mad'"):
         resumed.fit(ReluMLP(), collapse_loader(40), ckpt_path=str(tmp_path / "mad.ckpt"))

@@ -13,44 +13,26 @@ import copy
 import inspect
 import math
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from gate_models import Recorder, RecurrentRegressor, saturate_, sequences, trainer
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_gradflow.callbacks import early_collapse
 from lightning_gradflow.callbacks.gate_surgery import GateSurgeryCallback
 from lightning_gradflow.channel import Event, channel_for
+from tests.helpers.gate_models import saturate_, saturated_regressor, sequences
+from tests.helpers.training import RecordingLogger, messages_with, quiet_trainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _saturated(seed: int = 0, **kwargs: Any) -> RecurrentRegressor:
-    """Input and output gates pinned near 0 (σ(−8)) in every layer."""
-    seed_everything(seed, verbose=False)
-    model = RecurrentRegressor(**kwargs)
-    saturate_(model.rnn, {0: -8.0, 3: -8.0})
-    return model
-
-
-def _gate_messages(record: list[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in record if "GateSurgeryCallback" in str(w.message)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ 3. a logger that raises once
 
 
-class _FailsOnce(Recorder):
+class _FailsOnce(RecordingLogger):
     """Raises on the first row holding the gate callback's metrics, records every other row."""
 
     def __init__(self) -> None:
@@ -67,12 +49,12 @@ class _FailsOnce(Recorder):
 def test_item3_a_logger_that_raises_once_warns_once_and_the_run_completes() -> None:
     logger = _FailsOnce()
     callback = GateSurgeryCallback(every_n_steps=1, patience=1, auto_intervene=True)
-    t = trainer(max_steps=4, callbacks=[callback], logger=logger)
+    t = quiet_trainer(max_steps=4, callbacks=[callback], logger=logger)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        t.fit(_saturated(), sequences(n=32))
+        t.fit(saturated_regressor(), sequences(n=32))
     assert t.global_step == 4 and logger.failed
-    failures = [m for m in _gate_messages(record) if "log_metrics raised OSError: disk full" in m]
+    failures = [m for m in messages_with(record, "GateSurgeryCallback") if "log_metrics raised OSError: disk full" in m]
     assert len(failures) == 1 and "Training goes on" in failures[0]
     assert sorted(logger.gate_rows()) == [1, 2, 3]  # step 0's row was lost, the later ones arrived
     assert callback.surgeries == 2 and callback.last_metrics["gates/surgeries"] == 2.0
@@ -100,12 +82,12 @@ def test_item4_values_that_would_break_the_weights_or_a_hook_are_refused(kwargs:
     [{"forget_bias": 10.0}, {"forget_bias": -10.0}, {"target_std": 1e-300}, {"target_std": 1e300}, {"epsilon": 1e-6}],
 )
 def test_item4_the_extreme_legal_values_write_finite_weights(kwargs: dict[str, Any]) -> None:
-    model = _saturated()
+    model = saturated_regressor()
     saturate_(model.rnn, {1: 20.0})  # the forget gate too (saturated even for ε = 1e-6), so `forget_bias` is written
     callback = GateSurgeryCallback(every_n_steps=1, patience=1, auto_intervene=True, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        trainer(max_steps=2, callbacks=[callback]).fit(model, sequences(n=16))
+        quiet_trainer(max_steps=2, callbacks=[callback]).fit(model, sequences(n=16))
     assert any(i.applied and i.target == "rnn/l0/forget" for i in callback.interventions)
     for name, p in model.named_parameters():
         assert bool(torch.isfinite(p).all()), name
@@ -144,14 +126,14 @@ class _Rollback(Callback):
 
 @pytest.mark.parametrize("rollback_first", [True, False], ids=["rollback-listed-first", "rollback-listed-last"])
 def test_item8_a_surgery_undone_by_a_rollback_is_recorded_once_and_redone(rollback_first: bool) -> None:
-    recorder = Recorder()
+    recorder = RecordingLogger()
     callback = GateSurgeryCallback(every_n_steps=1, patience=1, cooldown=100, auto_intervene=True)
     rollback = _Rollback(at=2)
-    model = _saturated()
+    model = saturated_regressor()
     callbacks = [rollback, callback] if rollback_first else [callback, rollback]
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        trainer(max_steps=5, callbacks=callbacks, logger=recorder).fit(model, sequences(n=40))
+        quiet_trainer(max_steps=5, callbacks=callbacks, logger=recorder).fit(model, sequences(n=40))
     kinds = [(i.step, i.kind, i.target) for i in callback.interventions]
     keys = ["rnn/l0/input", "rnn/l0/output"]
     assert kinds == (
@@ -168,7 +150,7 @@ def test_item8_a_surgery_undone_by_a_rollback_is_recorded_once_and_redone(rollba
     # step 2's row is written after the rollback when the rollback runs first, before it otherwise
     assert [rows[s]["gates/surgeries"] for s in range(5)] == [2.0, 2.0, 0.0 if rollback_first else 2.0, 2.0, 2.0]
     assert rows[4]["gates/saturation/rnn/l0/input"] < 0.05  # the restored saturated gate was repaired again
-    assert sum("undid 2 gate surgeries" in m for m in _gate_messages(record)) == 1
+    assert sum("undid 2 gate surgeries" in m for m in messages_with(record, "GateSurgeryCallback")) == 1
 
 
 def test_item8_a_gate_whose_surgery_two_rollbacks_undid_is_only_reported() -> None:
@@ -180,11 +162,11 @@ def test_item8_a_gate_whose_surgery_two_rollbacks_undid_is_only_reported() -> No
     callback = GateSurgeryCallback(every_n_steps=1, patience=1, cooldown=100, auto_intervene=True)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        trainer(max_steps=6, callbacks=[callback, _Twice(at=1)]).fit(_saturated(), sequences(n=48))
+        quiet_trainer(max_steps=6, callbacks=[callback, _Twice(at=1)]).fit(saturated_regressor(), sequences(n=48))
     surgeries = [(i.step, i.target) for i in callback.interventions if i.kind == "gate_surgery"]
     assert [s for s, _ in surgeries] == [0, 0, 2, 2]  # first surgery, redo after the first rollback, then no more
     assert callback.surgeries == 0 and callback.diagnosis.undone == {"rnn/l0/input": 2, "rnn/l0/output": 2}
-    assert sum("may be what destabilises the run" in m for m in _gate_messages(record)) == 2
+    assert sum("may be what destabilises the run" in m for m in messages_with(record, "GateSurgeryCallback")) == 2
 
 
 @pytest.mark.skipif(
@@ -202,10 +184,10 @@ def test_item8_a_real_early_collapse_rollback_keeps_the_gate_view_in_step() -> N
     gates = GateSurgeryCallback(every_n_steps=1, patience=1, cooldown=100, auto_intervene=True)
     # the only snapshot is the one taken when training starts, before the gate surgery of step 0
     collapse = EarlyCollapseCallback(auto_intervene=True, snapshot_every_n_steps=1000, rollback_patience=2)
-    model = _saturated()
+    model = saturated_regressor()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer(max_steps=12, callbacks=[collapse, gates, _NaNTargets()]).fit(model, sequences(n=96))
+        quiet_trainer(max_steps=12, callbacks=[collapse, gates, _NaNTargets()]).fit(model, sequences(n=96))
     assert collapse.rollbacks >= 1
     made = [i for i in gates.interventions if i.kind == "gate_surgery" and i.applied]
     undone = [i for i in gates.interventions if i.kind == "gate_surgery_undone"]
@@ -223,7 +205,7 @@ def _good_state() -> dict[str, Any]:
     callback = GateSurgeryCallback(every_n_steps=1, patience=1, auto_intervene=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        trainer(max_steps=2, callbacks=[callback]).fit(_saturated(), sequences(n=16))
+        quiet_trainer(max_steps=2, callbacks=[callback]).fit(saturated_regressor(), sequences(n=16))
     return callback.state_dict()
 
 
@@ -259,19 +241,21 @@ def test_item12_missing_entries_and_a_resume_with_damaged_state_name_the_checkpo
     callback = GateSurgeryCallback(every_n_steps=1, patience=1, auto_intervene=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t = trainer(max_steps=2, callbacks=[callback])
-        t.fit(_saturated(), sequences(n=64))
+        t = quiet_trainer(max_steps=2, callbacks=[callback])
+        t.fit(saturated_regressor(), sequences(n=64))
         path = tmp_path / "gates.ckpt"
         t.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=False)
     checkpoint["callbacks"][callback.state_key]["last_surgery"] = [1, 2]
     torch.save(checkpoint, path)
-    resumed = trainer(max_steps=4, callbacks=[GateSurgeryCallback(every_n_steps=1, patience=1, auto_intervene=True)])
+    resumed = quiet_trainer(
+        max_steps=4, callbacks=[GateSurgeryCallback(every_n_steps=1, patience=1, auto_intervene=True)]
+    )
     match = r"GateSurgeryCallback cannot restore .*delete `checkpoint\['callbacks'\]"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match=match):
-            resumed.fit(_saturated(), sequences(n=64), ckpt_path=path)
+            resumed.fit(saturated_regressor(), sequences(n=64), ckpt_path=path)
 
 
 def test_item12_a_checkpoint_written_before_rollbacks_were_tracked_still_restores() -> None:

@@ -20,10 +20,11 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from matrix_models import INPUT_SIZE, SEQ_LEN, Recorder, TinyLSTM, sequence_loader
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_gradflow import EarlyCollapseCallback, GateSurgeryCallback, GradientFlowCallback, SharpnessCallback
+from tests.helpers.matrix_models import INPUT_SIZE, SEQ_LEN, TinyLSTM, sequence_loader
+from tests.helpers.training import RecordingLogger, quiet_trainer
 
 FAMILIES = ("gradflow/", "gates/", "sharpness/", "collapse/")
 
@@ -38,23 +39,12 @@ def _all_four(auto_intervene: bool = True) -> list[Callback]:
 
 
 def _trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> Trainer:
-    defaults: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": 8,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "num_sanity_val_steps": 0,
-        "log_every_n_steps": 1,
-        "default_root_dir": str(tmp_path),
-        "logger": Recorder(),
-    }
-    defaults.update(kwargs)
-    return Trainer(callbacks=callbacks, **defaults)
+    """The quiet Trainer with a recording logger, 8 steps, in ``tmp_path`` (overridable)."""
+    defaults = {"max_steps": 8, "default_root_dir": str(tmp_path), "logger": RecordingLogger()}
+    return quiet_trainer(callbacks=callbacks, **{**defaults, **kwargs})
 
 
-class FailOnceLogger(Recorder):
+class FailOnceLogger(RecordingLogger):
     """Raises on the first ``log_metrics`` call that carries one of the given families' metrics, then works."""
 
     def __init__(self, family: str) -> None:

@@ -19,56 +19,30 @@ from typing import Any
 
 import pytest
 import torch
-from collapse_models import ReluMLP, collapse_loader, collapse_trainer
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from models import RecordingLogger, quiet_trainer
-from sharpness_models import (
-    DenseCurvature,
-    LinearLoss,
-    LinearRegression,
-    ModuleLossSharpness,
-    QuietMLP,
-    SparseEmbedding,
-    exact_hessian,
-    loader,
-    regression_data,
-    token_data,
-)
 from torch import Tensor
 
 from lightning_gradflow import EarlyCollapseCallback, curvature
 from lightning_gradflow.callbacks.sharpness import MAX_SEED, SharpnessCallback
 from lightning_gradflow.channel import Event, channel_for
 from lightning_gradflow.curvature import MAX_DIRECTIONS, MAX_HVPS, MAX_PERTURBATION
+from tests.helpers.collapse_models import ReluMLP, collapse_loader
+from tests.helpers.sharpness_models import (
+    DenseCurvature,
+    LinearLoss,
+    LinearRegression,
+    ModuleLossSharpness,
+    QuietMLP,
+    SparseEmbedding,
+    loader,
+    regression_data,
+    token_data,
+    unstable_regression,
+)
+from tests.helpers.training import RecordingLogger, fit_recorded, messages_with, quiet_trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _fit(model: LightningModule, data: Any, callbacks: list[Any], steps: int, **kwargs: Any) -> RecordingLogger:
-    logger = kwargs.pop("logger", None) or RecordingLogger()
-    ckpt_path = kwargs.pop("ckpt_path", None)
-    trainer = quiet_trainer(max_steps=steps, logger=logger, callbacks=callbacks, **kwargs)
-    trainer.fit(model, data, ckpt_path=ckpt_path)
-    assert trainer.global_step == steps
-    return logger
-
-
-def _messages(record: Any, contains: str = "SharpnessCallback") -> list[str]:
-    return [str(w.message) for w in record if contains in str(w.message)]
-
-
-def _unstable(schedule: bool = False) -> tuple[LinearRegression, Any, float]:
-    """Full-batch GD at 1.5× its edge of stability."""
-    x, y = regression_data()
-    lr = 3.0 / float(torch.linalg.eigvalsh(exact_hessian(x))[-1])
-    return LinearRegression(lr=lr, schedule=schedule), loader(x, y), lr
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------- 1. sparse gradients
@@ -89,8 +63,10 @@ def test_sparse_gradients_give_exact_sharpness(optimizer: str) -> None:
     steps = 2 if optimizer == "sgd" else 4  # two optimizers: two optimizer steps per batch
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        logger = _fit(SparseEmbedding(optimizer), data, [callback, oracle], steps=steps)
-    assert [m for m in _messages(record) if "stability threshold" not in m] == []  # SparseAdam: no known threshold
+        logger = fit_recorded(SparseEmbedding(optimizer), data, [callback, oracle], steps=steps)
+    assert [
+        m for m in messages_with(record, "SharpnessCallback") if "stability threshold" not in m
+    ] == []  # SparseAdam: no known threshold
     for key in ("lambda_max", "trace", "batch_sharpness"):
         logged = logger.series(f"sharpness/{key}")
         assert len(logged) == 2 and list(logged) == list(oracle.exact), key
@@ -135,8 +111,8 @@ def test_a_logger_that_raises_once_is_warned_about_and_training_goes_on() -> Non
     x, y = regression_data()
     logger = _FailsOnce()
     with pytest.warns(RuntimeWarning, match="log_metrics raised OSError: No space left on device") as record:
-        _fit(LinearRegression(), loader(x, y), [SharpnessCallback(every_n_steps=1)], steps=3, logger=logger)
-    assert len(_messages(record, "raised OSError")) == 1
+        fit_recorded(LinearRegression(), loader(x, y), [SharpnessCallback(every_n_steps=1)], steps=3, logger=logger)
+    assert len(messages_with(record, "raised OSError")) == 1
     assert list(logger.series("sharpness/batch_sharpness")) == [1, 2]  # the later probes are logged
 
 
@@ -175,66 +151,12 @@ def test_the_largest_accepted_seed_trains_with_every_seeded_metric() -> None:
     callback = SharpnessCallback(every_n_steps=1, metrics=metrics, seed=MAX_SEED, random_directions=2)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        logger = _fit(QuietMLP(), loader(x, y), [callback], steps=3)
-    assert _messages(record) == []
+        logger = fit_recorded(QuietMLP(), loader(x, y), [callback], steps=3)
+    assert messages_with(record, "SharpnessCallback") == []
     assert all(math.isfinite(v) for v in logger.series("sharpness/trace").values())
 
 
 # ---------------------------------------------------------------------------- 8. rollbacks by another callback
-
-
-class _ChannelRollback(Callback):
-    """What EarlyCollapseCallback's rollback does, through the channel: keep the optimizer, the weights and every
-    participant's state at ``snapshot_step``; restore them at ``rollback_step``. List it after the SharpnessCallback.
-    Records, per step, the factor the optimizer really has and the one the callback believes in."""
-
-    def __init__(self, snapshot_step: int, rollback_step: int) -> None:
-        self.snapshot_step, self.rollback_step = snapshot_step, rollback_step
-        self.saved: Any = None
-        self.actual: dict[int, float] = {}
-        self.believed: dict[int, float] = {}
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.lr0 = trainer.optimizers[0].param_groups[0]["lr"]
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        step = trainer.global_step - 1
-        channel = channel_for(trainer)
-        if step == self.snapshot_step:
-            weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-            self.saved = (copy.deepcopy(trainer.optimizers[0].state_dict()), weights, channel.participant_states())
-        if step == self.rollback_step:
-            optimizer, weights, states = self.saved
-            trainer.optimizers[0].load_state_dict(optimizer)
-            pl_module.load_state_dict(weights)
-            channel.restore_participants(states, Event("rollback", step, "test", {"to_step": self.snapshot_step}))
-        sharpness = next(c for c in trainer.callbacks if isinstance(c, SharpnessCallback))  # type: ignore[attr-defined]
-        self.actual[step] = trainer.optimizers[0].param_groups[0]["lr"] / self.lr0
-        self.believed[step] = sharpness.cumulative_factor
-
-
-def test_after_a_rollback_the_factor_matches_the_restored_optimizer() -> None:
-    """A cut at every probe (0.5, 0.25, 0.125 = snapshot, 0.0625, 0.05 = the floor), then a rollback to the snapshot:
-    the callback's factor is the restored 0.125 again, so the next cut goes to 0.0625 and the one after to the floor
-    0.05 (today it kept 0.05, stopped cutting at a "floor" that the real learning rate, 0.125, was far above)."""
-    model, data, _ = _unstable()
-    callback = SharpnessCallback(
-        every_n_steps=1,
-        metrics=("stability_ratio",),
-        auto_intervene=True,
-        patience=1,
-        margin=0.01,  # every probe is "unstable": a cut at each
-        increase_below=0.005,
-        min_lr_factor=0.05,
-    )
-    rollback = _ChannelRollback(snapshot_step=2, rollback_step=4)
-    logger = _fit(model, data, [callback, rollback], steps=7)
-    assert rollback.actual == pytest.approx({0: 0.5, 1: 0.25, 2: 0.125, 3: 0.0625, 4: 0.125, 5: 0.0625, 6: 0.05})
-    assert rollback.believed == pytest.approx(rollback.actual)
-    logged = logger.series("sharpness/lr_factor")
-    assert logged[5] == pytest.approx(0.0625) and logged[6] == pytest.approx(0.05)
 
 
 class _FactorWatch(Callback):
@@ -255,6 +177,54 @@ class _FactorWatch(Callback):
         self.believed[trainer.global_step - 1] = sharpness.cumulative_factor
 
 
+class _ChannelRollback(_FactorWatch):
+    """What EarlyCollapseCallback's rollback does, through the channel: keep the optimizer, the weights and every
+    participant's state at ``snapshot_step``; restore them at ``rollback_step``. List it after the SharpnessCallback.
+    Records, per step, the factor the optimizer really has and the one the callback believes in."""
+
+    def __init__(self, snapshot_step: int, rollback_step: int) -> None:
+        super().__init__()
+        self.snapshot_step, self.rollback_step = snapshot_step, rollback_step
+        self.saved: Any = None
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step - 1
+        channel = channel_for(trainer)
+        if step == self.snapshot_step:
+            weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            self.saved = (copy.deepcopy(trainer.optimizers[0].state_dict()), weights, channel.participant_states())
+        if step == self.rollback_step:
+            optimizer, weights, states = self.saved
+            trainer.optimizers[0].load_state_dict(optimizer)
+            pl_module.load_state_dict(weights)
+            channel.restore_participants(states, Event("rollback", step, "test", {"to_step": self.snapshot_step}))
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def test_after_a_rollback_the_factor_matches_the_restored_optimizer() -> None:
+    """A cut at every probe (0.5, 0.25, 0.125 = snapshot, 0.0625, 0.05 = the floor), then a rollback to the snapshot:
+    the callback's factor is the restored 0.125 again, so the next cut goes to 0.0625 and the one after to the floor
+    0.05 (today it kept 0.05, stopped cutting at a "floor" that the real learning rate, 0.125, was far above)."""
+    model, data, _ = unstable_regression()
+    callback = SharpnessCallback(
+        every_n_steps=1,
+        metrics=("stability_ratio",),
+        auto_intervene=True,
+        patience=1,
+        margin=0.01,  # every probe is "unstable": a cut at each
+        increase_below=0.005,
+        min_lr_factor=0.05,
+    )
+    rollback = _ChannelRollback(snapshot_step=2, rollback_step=4)
+    logger = fit_recorded(model, data, [callback, rollback], steps=7)
+    assert rollback.actual == pytest.approx({0: 0.5, 1: 0.25, 2: 0.125, 3: 0.0625, 4: 0.125, 5: 0.0625, 6: 0.05})
+    assert rollback.believed == pytest.approx(rollback.actual)
+    logged = logger.series("sharpness/lr_factor")
+    assert logged[5] == pytest.approx(0.0625) and logged[6] == pytest.approx(0.05)
+
+
 def test_after_a_real_early_collapse_rollback_the_factor_matches_the_restored_optimizer() -> None:
     """EarlyCollapseCallback rolls back over the extreme batch 60, undoing the cut this callback made at step 60:
     from the rollback on, the callback's factor is the restored optimizer's again (it read half of it)."""
@@ -272,7 +242,9 @@ def test_after_a_real_early_collapse_rollback_the_factor_matches_the_restored_op
     watch = _FactorWatch()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        collapse_trainer(callbacks=[sharpness, collapse, watch]).fit(ReluMLP(), collapse_loader(120, extreme_batch=60))
+        quiet_trainer(max_epochs=1, callbacks=[sharpness, collapse, watch]).fit(
+            ReluMLP(), collapse_loader(120, extreme_batch=60)
+        )
     rollback = next(i for i in collapse.interventions if i.kind == "rollback")
     snapshot_step = int(rollback.after)
     assert any(snapshot_step <= i.step <= rollback.step for i in sharpness.interventions)  # a cut the rollback undid
@@ -285,9 +257,9 @@ def test_after_a_real_early_collapse_rollback_the_factor_matches_the_restored_op
 
 def test_a_snapshot_from_before_the_callback_joined_restores_the_fit_start() -> None:
     """``state=None`` (the snapshot predates this callback): back to the factor the fit started with."""
-    model, data, _ = _unstable()
+    model, data, _ = unstable_regression()
     callback = SharpnessCallback(every_n_steps=1, metrics=("stability_ratio",), auto_intervene=True, patience=1)
-    _fit(model, data, [callback], steps=2)
+    fit_recorded(model, data, [callback], steps=2)
     assert callback.cumulative_factor == 0.5
     callback.restore_rollback_state(None, Event("rollback", 2, "test"))
     assert callback.cumulative_factor == 1.0
@@ -331,19 +303,21 @@ def test_corrupt_state_is_refused_with_the_callback_and_the_checkpoint_key(chang
 
 
 def test_resuming_from_a_checkpoint_with_a_negative_factor_fails_clearly(tmp_path: Path) -> None:
-    model, data, _ = _unstable()
+    model, data, _ = unstable_regression()
 
     def callback() -> SharpnessCallback:
         return SharpnessCallback(every_n_steps=1, metrics=("stability_ratio",), auto_intervene=True, patience=1)
 
     first = callback()
-    _fit(model, data, [first, ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2)], 2, enable_checkpointing=True)
+    fit_recorded(
+        model, data, [first, ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2)], 2, enable_checkpointing=True
+    )
     path = next(tmp_path.glob("*.ckpt"))
     checkpoint = torch.load(path, weights_only=False)
     checkpoint["callbacks"][first.state_key]["cumulative_factor"] = -5.0
     torch.save(checkpoint, path)
     with pytest.raises(ValueError, match=r"cumulative_factor.*-5\.0") as error:
-        _fit(_unstable()[0], data, [callback()], steps=4, ckpt_path=str(path))
+        fit_recorded(unstable_regression()[0], data, [callback()], steps=4, ckpt_path=str(path))
     assert "SharpnessCallback cannot restore" in str(error.value) and "delete" in str(error.value)
 
 
@@ -357,8 +331,8 @@ def test_half_precision_advice_never_names_the_setting_in_use() -> None:
         callback = SharpnessCallback(every_n_steps=1, metrics=("lambda_max",), hvp=hvp)  # type: ignore[arg-type]
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            _fit(LinearRegression(lr=0.01), loader(x, y), [callback], steps=1, precision="16-true")
-        (message,) = _messages(record, "torch.float16")
+            fit_recorded(LinearRegression(lr=0.01), loader(x, y), [callback], steps=1, precision="16-true")
+        (message,) = messages_with(record, "torch.float16")
         assert wrong not in message and "mixed precision" in message, message
 
 
@@ -372,8 +346,8 @@ def test_failure_advice_with_finite_differences_does_not_suggest_finite_differen
     x, y = regression_data()
     callback = SharpnessCallback(every_n_steps=1, metrics=("lambda_max",), hvp="finite_difference")
     with pytest.warns(RuntimeWarning, match="kernel failure") as record:
-        logger = _fit(LinearRegression(), loader(x, y), [callback], steps=2)
-    (message,) = _messages(record, "probe at step")
+        logger = fit_recorded(LinearRegression(), loader(x, y), [callback], steps=2)
+    (message,) = messages_with(record, "probe at step")
     assert "try `hvp='finite_difference'`" not in message and "loss_fn" in message
     assert all(math.isnan(v) for v in logger.series("sharpness/lambda_max").values())
 
@@ -387,8 +361,8 @@ def test_a_linear_loss_reports_zero_curvature(hvp: str) -> None:
     callback = SharpnessCallback(every_n_steps=1, metrics=metrics, hvp=hvp)  # type: ignore[arg-type]
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        logger = _fit(LinearLoss(), loader(x, y), [callback], steps=2)
-    assert _messages(record) == []
+        logger = fit_recorded(LinearLoss(), loader(x, y), [callback], steps=2)
+    assert messages_with(record, "SharpnessCallback") == []
     for key in ("lambda_max", "lambda_min", "trace", "batch_sharpness", "stability_ratio"):
         assert logger.series(f"sharpness/{key}") == {0: pytest.approx(0.0, abs=1e-6), 1: pytest.approx(0.0, abs=1e-6)}
 
@@ -401,6 +375,6 @@ class _DetachedLoss(SharpnessCallback):
 def test_a_loss_without_a_graph_says_why_nothing_is_measured() -> None:
     x, y = regression_data()
     with pytest.warns(RuntimeWarning, match="does not depend on the trainable parameters") as record:
-        logger = _fit(LinearRegression(), loader(x, y), [_DetachedLoss(every_n_steps=1)], steps=2)
-    assert not _messages(record, "does not require grad")
+        logger = fit_recorded(LinearRegression(), loader(x, y), [_DetachedLoss(every_n_steps=1)], steps=2)
+    assert not messages_with(record, "does not require grad")
     assert all(math.isnan(v) for v in logger.series("sharpness/batch_sharpness").values())

@@ -19,10 +19,11 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from matrix_models import Recorder, TinyLSTM, sequence_loader
-from support_matrix import CALLBACK_FACTORIES
 
 from lightning_gradflow import GateSurgeryCallback, GradientFlowCallback
+from scripts.support_matrix import CALLBACK_FACTORIES
+from tests.helpers.matrix_models import TinyLSTM, sequence_loader
+from tests.helpers.training import RecordingLogger, quiet_trainer
 
 
 def _optional(module: str, name: str) -> type | None:
@@ -180,20 +181,9 @@ def test_wrong_type_from_signature_raises_naming_it(
 
 
 def _trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> Trainer:
-    defaults: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": 6,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "num_sanity_val_steps": 0,
-        "log_every_n_steps": 1,
-        "default_root_dir": str(tmp_path),
-        "logger": Recorder(),
-    }
-    defaults.update(kwargs)
-    return Trainer(callbacks=callbacks, **defaults)
+    """The quiet Trainer with a recording logger, 6 steps, in ``tmp_path`` (overridable)."""
+    defaults = {"max_steps": 6, "default_root_dir": str(tmp_path), "logger": RecordingLogger()}
+    return quiet_trainer(callbacks=callbacks, **{**defaults, **kwargs})
 
 
 def _ours(record: warnings.WarningMessage) -> str | None:

@@ -196,12 +196,12 @@ def test_agc_on_complex_gradients_uses_magnitudes() -> None:
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: ZClipConfig(warmup_steps=MAX_WARMUP_STEPS + 1), f"`warmup_steps` <= {MAX_WARMUP_STEPS}"),
-        (lambda: AutoClipConfig(percentile_window=10**10), f"`percentile_window` <= {MAX_PERCENTILE_WINDOW}"),
+        (lambda: ZClipConfig(warmup_steps=MAX_WARMUP_STEPS + 1), rf"`warmup_steps`.*{MAX_WARMUP_STEPS}\b"),
+        (lambda: AutoClipConfig(percentile_window=10**10), rf"`percentile_window`.*{MAX_PERCENTILE_WINDOW}\b"),
         (lambda: ZClipConfig(ema_alpha=math.nan), "`ema_alpha` in"),
         (lambda: ZClipConfig(z_threshold=10**400), "`z_threshold` to be a finite number"),
-        (lambda: ZScoreClipper(warmup_steps=0), "`warmup_steps` > 0"),
-        (lambda: PercentileClipper(window=-1), "`percentile_window` > 0"),
+        (lambda: ZScoreClipper(warmup_steps=0), r"`warmup_steps`.*got 0"),
+        (lambda: PercentileClipper(window=-1), r"`percentile_window`.*got -1"),
         (lambda: ZScoreClipper(max_norm=-1.0), "`max_norm`"),
     ],
 )

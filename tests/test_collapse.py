@@ -492,3 +492,34 @@ def test_ladder_state_round_trips_and_refuses_nonsense() -> None:
     watched = InterventionLadder(dry_run=True)
     watched.load_state_dict(state)  # what an acting ladder applied means nothing to a dry run
     assert watched.lr_scale == 1.0
+
+
+def test_monitor_a_low_rank_before_the_features_spread_is_no_collapse() -> None:
+    """A random initialisation whose outputs barely depend on the input has RankMe ≈ 1 at step 0 (the demo warned
+    "effective rank of 1.03 at step 0" on healthy runs): a collapse is a *fall* from features that had spread."""
+    monitor = CollapseMonitor(MonitorConfig(min_effective_rank=1.5))
+    assert monitor.score_representations(0, {("effective_rank", "head"): 1.03}) == []
+    assert monitor.repr_score == 0.0
+    assert monitor.score_representations(5, {("effective_rank", "head"): 2.5}) == []  # spreading, not yet 2 × 1.5
+    assert monitor.score_representations(10, {("effective_rank", "head"): 1.2}) == []
+    assert monitor.score_representations(15, {("effective_rank", "head"): 6.0}) == []  # spread: peak 6
+    messages = monitor.score_representations(20, {("effective_rank", "head"): 1.2})  # fell back: a collapse
+    assert len(messages) == 1 and "effective rank of 1.2 at step 20" in messages[0]
+    assert monitor.repr_score == REPRESENTATION_WEIGHT
+    assert monitor.score_representations(25, {("effective_rank", "other"): 1.0}) == []  # per layer
+
+
+def test_monitor_rank_peak_survives_state_dict_and_old_checkpoints_load() -> None:
+    monitor = CollapseMonitor()
+    monitor.score_representations(0, {("effective_rank", "head"): 8.0})
+    state = monitor.state_dict()
+    fresh = CollapseMonitor()
+    fresh.load_state_dict(state)
+    assert fresh.rank_peak == {"head": 8.0}
+    assert fresh.score_representations(5, {("effective_rank", "head"): 1.0})  # the resumed run still knows the peak
+    old = {k: v for k, v in state.items() if k != "rank_peak"}  # a checkpoint written before the peak existed
+    older = CollapseMonitor()
+    older.load_state_dict(old)
+    assert older.rank_peak == {}
+    with pytest.raises(ValueError, match="rank_peak"):
+        CollapseMonitor().load_state_dict({**state, "rank_peak": {"head": math.nan}})

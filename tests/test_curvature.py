@@ -30,13 +30,7 @@ from lightning_gradflow.curvature import (
 SEEDS = range(10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    # these models are tiny: intra-op threads only add synchronisation (badly so on a shared machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyTransformer(nn.Module):

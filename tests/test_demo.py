@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from models import RecordingLogger
+from lightning.pytorch import LightningModule
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from lightning_gradflow import GradientFlowCallback
 from lightning_gradflow.demo import SCENARIOS, main
+from tests.helpers.training import RecordingLogger, quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("gradflow/", "gates/", "sharpness/", "collapse/")
@@ -137,16 +137,8 @@ def test_layers_without_gradients_are_skipped(tmp_path: Path) -> None:
     data = torch.utils.data.TensorDataset(torch.randn(16, 4))
     recorder = RecordingLogger()
     callback = GradientFlowCallback(log_every_n_steps=2, histogram_every_n_steps=0, figure_every_n_steps=0)
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=5,
-        log_every_n_steps=2,
-        logger=recorder,
-        callbacks=[callback],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+    trainer = quiet_trainer(
+        max_steps=5, log_every_n_steps=2, logger=recorder, callbacks=[callback], default_root_dir=tmp_path
     )
     trainer.fit(_PartlyUnusedModel(), torch.utils.data.DataLoader(data, batch_size=4))
 

@@ -2,40 +2,36 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from collapse_models import (
-    LinearRegressor,
-    ReluMLP,
-    StateLoader,
-    collapse_loader,
-    collapse_trainer,
-    first_nonfinite_step,
-    slow_divergence_problem,
-)
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from models import RecordingLogger
 
 from lightning_gradflow.callbacks import early_collapse as early_collapse_module
 from lightning_gradflow.callbacks.early_collapse import CollapseStopReason, EarlyCollapseCallback
 from lightning_gradflow.callbacks.gradient_flow import GradientFlowCallback
 from lightning_gradflow.collapse import Snapshot, copy_tree, effective_rank, feature_std
+from tests.helpers.collapse_models import (
+    LinearRegressor,
+    ReluMLP,
+    StateLoader,
+    collapse_loader,
+    first_nonfinite_step,
+    slow_divergence_problem,
+)
+from tests.helpers.training import RecordingLogger, load_example, quiet_trainer, same_tensors, state_copy
 
 STEPS = 120
 EXTREME = 60  # the batch of extreme inputs
 
 
-@pytest.fixture(autouse=True)
-def _quiet() -> Any:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*EarlyCollapseCallback.*", category=RuntimeWarning)
-        yield
+# the callback's warnings are expected here (tests that check them catch them with pytest.warns or recwarn)
+pytestmark = pytest.mark.filterwarnings("ignore:.*EarlyCollapseCallback.*:RuntimeWarning")
 
 
 def _fit(
@@ -47,17 +43,9 @@ def _fit(
 ) -> tuple[ReluMLP, Trainer]:
     seed_everything(0, verbose=False)
     model = ReluMLP(**model_kwargs)
-    trainer = collapse_trainer(callbacks=callbacks or [], logger=logger)
+    trainer = quiet_trainer(max_epochs=1, callbacks=callbacks or [], logger=logger)
     trainer.fit(model, collapse_loader(steps, extreme_batch=EXTREME if extreme else None))
     return model, trainer
-
-
-def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------------------------- construction
@@ -143,7 +131,7 @@ def test_a_slow_divergence_warns_before_the_loss_has_doubled() -> None:
     loader, lr = slow_divergence_problem(growth=1.02)  # the loss grows ~4 % per step once past its best
     callback = EarlyCollapseCallback()
     model = LinearRegressor(8, lr)
-    collapse_trainer(callbacks=[callback], max_steps=150, max_epochs=-1).fit(model, loader)
+    quiet_trainer(callbacks=[callback], max_steps=150, max_epochs=-1).fit(model, loader)
     losses = [loss for _, loss in model.losses]
     best, doubled = math.inf, None
     for step, loss in enumerate(losses):
@@ -159,7 +147,7 @@ def test_a_slow_divergence_warns_before_the_loss_has_doubled() -> None:
 def test_monitoring_only_leaves_the_run_bitwise_unchanged() -> None:
     plain, _ = _fit(extreme=False, steps=60)
     watched, _ = _fit([EarlyCollapseCallback(every_n_steps=5, log_every_n_steps=7)], extreme=False, steps=60)
-    assert _same(_weights(plain), _weights(watched))
+    assert same_tensors(state_copy(plain), state_copy(watched))
     assert plain.losses == watched.losses
 
 
@@ -197,7 +185,7 @@ def test_nonfinite_steps_are_skipped_before_they_reach_the_weights() -> None:
     loader = collapse_loader(40)
     loader.dataset.tensors[0][20 * 16] = math.nan  # type: ignore[attr-defined]
     callback = EarlyCollapseCallback(auto_intervene=True)
-    collapse_trainer(callbacks=[callback]).fit(model, loader)
+    quiet_trainer(max_epochs=1, callbacks=[callback]).fit(model, loader)
     assert [(i.step, i.kind) for i in callback.interventions][:1] == [(20, "skip_step")]
     assert callback.skipped_steps == 1 and callback.rollbacks == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -228,9 +216,11 @@ def test_after_a_rollback_training_is_bitwise_identical_to_training_resumed_from
     seed_everything(123, verbose=False)
     fresh = ReluMLP(optimizer="adam", lr=0.01)
     fresh.load_state_dict(snapshot.model)
-    replay = collapse_trainer(callbacks=[StateLoader(snapshot.optimizers, snapshot.schedulers, snapshot.rng)])
+    replay = quiet_trainer(
+        max_epochs=1, callbacks=[StateLoader(snapshot.optimizers, snapshot.schedulers, snapshot.rng)]
+    )
     replay.fit(fresh, collapse_loader(STEPS, extreme_batch=EXTREME, start=rollback_step + 1))
-    assert _same(_weights(rolled), _weights(fresh))
+    assert same_tensors(state_copy(rolled), state_copy(fresh))
     tail = [loss for step, loss in rolled.losses if step > rollback_step]
     assert tail == [loss for _, loss in fresh.losses]
 
@@ -254,7 +244,7 @@ def test_no_false_alarm_on_a_healthy_noisy_run_with_warmup_and_fp16_overflow_ste
     def run(callbacks: list[Any]) -> tuple[ReluMLP, Trainer]:
         seed_everything(0, verbose=False)
         model = ReluMLP(lr=0.05, warmup_steps=50, hidden=16)
-        trainer = collapse_trainer(callbacks=callbacks, plugins=[_fp16_plugin()], logger=logger)
+        trainer = quiet_trainer(max_epochs=1, callbacks=callbacks, plugins=[_fp16_plugin()], logger=logger)
         trainer.fit(model, collapse_loader(steps, batch_size=32, noise=0.3))
         return model, trainer
 
@@ -269,7 +259,7 @@ def test_no_false_alarm_on_a_healthy_noisy_run_with_warmup_and_fp16_overflow_ste
     assert logger.series("collapse/overflow_steps")[steps - 1] == callback.overflow_steps
     assert logger.series("collapse/lr_scale")[steps - 1] == 1.0
     plain, _ = run([])
-    assert _same(_weights(plain), _weights(model))  # nothing was changed, not even with auto_intervene
+    assert same_tensors(state_copy(plain), state_copy(model))  # nothing was changed, not even with auto_intervene
 
 
 # --------------------------------------------------------------------------------------------- representations
@@ -285,7 +275,7 @@ def test_dead_units_are_flagged_with_the_right_fraction() -> None:
     loader = collapse_loader(20)
     x = loader.dataset.tensors[0]  # type: ignore[attr-defined]
     with pytest.warns(RuntimeWarning, match=r"\d+% of the units of 'act1' are dead at step 0"):
-        collapse_trainer(callbacks=[callback], logger=logger).fit(model, loader)
+        quiet_trainer(max_epochs=1, callbacks=[callback], logger=logger).fit(model, loader)
     dead = logger.series("collapse/dead_fraction/act1")
     assert sorted(dead) == [0, 5, 10, 15]
     with torch.no_grad():
@@ -306,7 +296,7 @@ def test_logged_rankme_and_feature_std_are_those_of_the_head_input() -> None:
     logger = RecordingLogger()
     callback = EarlyCollapseCallback(every_n_steps=4, rank_sample_size=48)
     loader = collapse_loader(8)
-    collapse_trainer(callbacks=[callback], logger=logger).fit(model, loader)
+    quiet_trainer(max_epochs=1, callbacks=[callback], logger=logger).fit(model, loader)
     x = loader.dataset.tensors[0]  # type: ignore[attr-defined]
     with torch.no_grad():
         features = model.act2(model.fc2(model.act1(model.fc1(x))))
@@ -390,12 +380,12 @@ def test_detectors_counters_and_interventions_survive_resume(tmp_path: Path) -> 
     seed_everything(0, verbose=False)
     straight_cb = make()
     straight = ReluMLP()
-    collapse_trainer(callbacks=[straight_cb], max_epochs=2).fit(straight, loader())
+    quiet_trainer(callbacks=[straight_cb], max_epochs=2).fit(straight, loader())
 
     seed_everything(0, verbose=False)
     first_cb = make()
     first = ReluMLP()
-    t1 = collapse_trainer(callbacks=[first_cb], max_epochs=1)
+    t1 = quiet_trainer(callbacks=[first_cb], max_epochs=1)
     t1.fit(first, loader())
     assert first_cb.rollbacks == 1
     t1.save_checkpoint(tmp_path / "epoch1.ckpt")
@@ -403,7 +393,7 @@ def test_detectors_counters_and_interventions_survive_resume(tmp_path: Path) -> 
     seed_everything(0, verbose=False)
     resumed_cb = make()
     resumed = ReluMLP()
-    collapse_trainer(callbacks=[resumed_cb], max_epochs=2).fit(resumed, loader(), ckpt_path=tmp_path / "epoch1.ckpt")
+    quiet_trainer(callbacks=[resumed_cb], max_epochs=2).fit(resumed, loader(), ckpt_path=tmp_path / "epoch1.ckpt")
 
     assert straight_cb.rollbacks == resumed_cb.rollbacks == 2  # the extreme batch comes once per epoch
     assert resumed_cb.interventions == straight_cb.interventions  # none repeated, none lost
@@ -411,20 +401,14 @@ def test_detectors_counters_and_interventions_survive_resume(tmp_path: Path) -> 
     a.pop("snapshot_steps")  # the ring restarts at the resumed step
     b.pop("snapshot_steps")
     assert a == b
-    assert _same(_weights(straight), _weights(resumed))
+    assert same_tensors(state_copy(straight), state_copy(resumed))
 
 
 # -------------------------------------------------------------------------------------------------- example
 
 
 def test_the_example_recovers_a_run_that_collapses_without_the_callback() -> None:
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "examples" / "collapse_recovery.py"
-    spec = importlib.util.spec_from_file_location("collapse_recovery_example", path)
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("collapse_recovery")
     result = example.main(["--steps", "200", "--spike-step", "100"])
     assert not math.isfinite(result["broken_loss"]) or result["broken_loss"] > 100 * result["reference_loss"]
     assert result["rollbacks"] >= 1 and result["first_alarm_step"] == 101
@@ -440,7 +424,7 @@ def test_recovery_with_gradient_accumulation_and_either_detector(spike_detector:
     seed_everything(0, verbose=False)
     model = ReluMLP()
     callback = EarlyCollapseCallback(auto_intervene=True, snapshot_every_n_steps=5, spike_detector=spike_detector)
-    trainer = collapse_trainer(callbacks=[callback], accumulate_grad_batches=2)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback], accumulate_grad_batches=2)
     trainer.fit(model, collapse_loader(STEPS, extreme_batch=EXTREME))
     assert trainer.global_step == STEPS // 2
     rollbacks = [i for i in callback.interventions if i.kind == "rollback"]
@@ -486,11 +470,61 @@ def test_state_dict_round_trips_through_a_fresh_instance() -> None:
 
 
 def test_manual_optimization_recovers_too() -> None:
-    from collapse_models import ManualReluMLP
+    from tests.helpers.collapse_models import ManualReluMLP
 
     seed_everything(0, verbose=False)
     model = ManualReluMLP()
     callback = EarlyCollapseCallback(auto_intervene=True, snapshot_every_n_steps=10)
-    collapse_trainer(callbacks=[callback]).fit(model, collapse_loader(STEPS, extreme_batch=EXTREME))
+    quiet_trainer(max_epochs=1, callbacks=[callback]).fit(model, collapse_loader(STEPS, extreme_batch=EXTREME))
     assert [(i.step, i.kind) for i in callback.interventions][-1] == (EXTREME + 1, "rollback")
     assert math.isfinite(model.final_loss())
+
+
+# ------------------------------------------------------------------------------------------------- the schedule
+
+
+def _probe_steps(steps: int = 120, **kwargs: Any) -> tuple[list[int], EarlyCollapseCallback]:
+    seed_everything(0, verbose=False)
+    model = ReluMLP(hidden=32, lr=0.0)
+    with torch.no_grad():
+        model.fc1.bias[:24] -= 1e3  # dead from initialisation: a finding at the first probe
+    logger = RecordingLogger()
+    callback = EarlyCollapseCallback(**kwargs)
+    quiet_trainer(max_epochs=1, callbacks=[callback], logger=logger).fit(model, collapse_loader(steps))
+    return sorted(logger.series("collapse/dead_fraction/act1")), callback
+
+
+def test_default_probes_are_dense_at_the_start_and_after_a_finding_then_sparse() -> None:
+    probes, callback = _probe_steps()
+    assert probes[:4] == [0, 5, 10, 15]  # dead units from step 0 are measured every 5 steps, not every 50
+    assert callback.warnings and "at step 0" in callback.warnings[0][1]
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert max(gaps) <= callback.every_n_steps and gaps[-1] > 5  # sparser once past the dense windows
+    fixed, _ = _probe_steps(adaptive_schedule=False)
+    assert fixed == [0, 50, 100]  # the fixed schedule: every `every_n_steps`
+    assert _probe_steps(every_n_steps=0)[0] == []
+
+
+def test_schedule_state_is_checkpointed() -> None:
+    _, callback = _probe_steps(steps=30)
+    state = callback.state_dict()
+    assert state["schedule"] == callback.schedule.state_dict()
+    fresh = EarlyCollapseCallback()
+    fresh.load_state_dict(state)
+    assert fresh.schedule.state_dict() == callback.schedule.state_dict()
+    fresh.load_state_dict({k: v for k, v in state.items() if k != "schedule"})  # an older checkpoint still loads
+
+
+def test_no_rank_warning_at_initialisation_on_a_model_whose_features_have_not_spread() -> None:
+    """The demo warned "effective rank of 1.03 at step 0" on healthy runs: near-constant features at init."""
+    seed_everything(0, verbose=False)
+    model = ReluMLP(lr=0.0)
+    with torch.no_grad():
+        model.fc2.weight.mul_(1e-4)  # the head's input barely depends on the sample: RankMe ≈ 1 from the bias
+        model.fc2.bias.fill_(1.0)
+    logger = RecordingLogger()
+    callback = EarlyCollapseCallback(every_n_steps=5)
+    quiet_trainer(max_epochs=1, callbacks=[callback], logger=logger).fit(model, collapse_loader(20))
+    ranks = logger.series("collapse/effective_rank/head")
+    assert ranks and max(ranks.values()) < 1.5  # the low rank is measured and logged ...
+    assert not [w for _, w in callback.warnings if "effective rank" in w]  # ... but is no collapse finding

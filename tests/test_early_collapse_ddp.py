@@ -8,20 +8,17 @@ weights stay identical.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from collapse_models import CollapseRankReport, ReluMLP, collapse_trainer, regression_data
 from lightning.pytorch import seed_everything
-from models import RankStridedDataset
 from torch.utils.data import DataLoader
 
 from lightning_gradflow.callbacks.early_collapse import EarlyCollapseCallback
+from tests.helpers import ddp
+from tests.helpers.collapse_models import ReluMLP, regression_data
 
-WORLD_SIZE = 2
 BATCH = 16
 STEPS = 60
 EXTREME = 30
@@ -29,32 +26,29 @@ EXTREME = 30
 
 def _loader() -> DataLoader:
     """Rank r reads samples r, r + 2, ...; at step EXTREME rank 1's inputs are × 1000, rank 0's are normal."""
-    x, y = regression_data(WORLD_SIZE * BATCH * STEPS)
-    rows = slice(WORLD_SIZE * BATCH * EXTREME, WORLD_SIZE * BATCH * (EXTREME + 1))
+    x, y = regression_data(ddp.WORLD_SIZE * BATCH * STEPS)
+    rows = slice(ddp.WORLD_SIZE * BATCH * EXTREME, ddp.WORLD_SIZE * BATCH * (EXTREME + 1))
     block = x[rows]
-    block[1::WORLD_SIZE] *= 1e3
+    block[1 :: ddp.WORLD_SIZE] *= 1e3
     x[rows] = block
-    return DataLoader(RankStridedDataset(x, y, WORLD_SIZE), batch_size=BATCH, shuffle=False)
+    return DataLoader(ddp.RankStridedDataset(x, y, ddp.WORLD_SIZE), batch_size=BATCH, shuffle=False)
 
 
 @pytest.mark.ddp
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_every_rank_makes_the_same_decision_at_the_same_step(tmp_path: Path) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     seed_everything(0, verbose=False)
     callback = EarlyCollapseCallback(auto_intervene=True, snapshot_every_n_steps=10, every_n_steps=10)
-    trainer = collapse_trainer(
-        strategy="ddp_spawn",
-        devices=WORLD_SIZE,
-        use_distributed_sampler=False,
+    trainer = ddp.trainer(
+        max_epochs=1,
         max_steps=STEPS,
-        callbacks=[callback, CollapseRankReport(str(tmp_path))],
+        callbacks=[callback, ddp.RankReport(str(tmp_path), EarlyCollapseCallback, ("warnings", "rollbacks"))],
     )
     trainer.fit(ReluMLP(), _loader())
 
-    reports: list[dict[str, Any]] = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    reports = ddp.reports(tmp_path)
     zero, one = reports
-    assert [r["world_size"] for r in reports] == [WORLD_SIZE] * WORLD_SIZE
+    assert [r["world_size"] for r in reports] == [ddp.WORLD_SIZE] * ddp.WORLD_SIZE
     local = {r["rank"]: dict(r["losses"]) for r in reports}
     assert local[1][EXTREME] > 1e3 * local[0][EXTREME]  # only rank 1 saw the extreme batch
 

@@ -2,62 +2,42 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from gate_models import NoGates, Recorder, RecurrentRegressor, saturate_, sequences, trainer
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from lightning_gradflow.callbacks.gate_surgery import GateSurgeryCallback
+from tests.helpers.gate_models import NoGates, RecurrentRegressor, saturate_, saturated_regressor, sequences
+from tests.helpers.training import RecordingLogger, load_example, messages_with, quiet_trainer
 
 LSTM_GATES = ("input", "forget", "cell", "output")
 METRICS = ("saturation", "mean", "saturated_units", "sigma_prime")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The models here are tiny: one intra-op thread is fastest (oneDNN's LSTM spins badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fit(model: LightningModule, callback: Callback | None, steps: int, **kwargs: Any) -> Trainer:
     callbacks = kwargs.pop("callbacks", [])
     loader = kwargs.pop("loader", None) or sequences(n=8 * steps)
     ckpt_path = kwargs.pop("ckpt_path", None)
-    t = trainer(max_steps=steps, callbacks=([callback] if callback else []) + callbacks, **kwargs)
+    t = quiet_trainer(max_steps=steps, callbacks=([callback] if callback else []) + callbacks, **kwargs)
     t.fit(model, loader, ckpt_path=ckpt_path)
     return t
-
-
-def _saturated(seed: int = 0, **kwargs: Any) -> RecurrentRegressor:
-    """Input and output gates pinned near 0 (σ(−8) ≈ 3e-4) in every layer and direction."""
-    seed_everything(seed, verbose=False)
-    model = RecurrentRegressor(**kwargs)
-    saturate_(model.rnn, {0: -8.0, 3: -8.0})
-    return model
 
 
 def _healthy(seed: int = 0, **kwargs: Any) -> RecurrentRegressor:
     seed_everything(seed, verbose=False)
     return RecurrentRegressor(**kwargs)
-
-
-def _gate_warnings(record: list[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in record if "GateSurgeryCallback" in str(w.message)]
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -111,19 +91,19 @@ def test_state_key_is_known_at_construction_and_tells_instances_apart() -> None:
     b = GateSurgeryCallback(exclude=["decoder"])
     assert a.state_key != b.state_key
     assert a.state_key == GateSurgeryCallback(exclude=["encoder"]).state_key
-    trainer(callbacks=[a, b])  # two instances with different keys coexist
+    quiet_trainer(callbacks=[a, b])  # two instances with different keys coexist
 
 
 # -------------------------------------------------------------------------------------------------- no gates
 
 
 def test_a_model_without_gates_warns_once_and_stays_out_of_the_way() -> None:
-    recorder = Recorder()
+    recorder = RecordingLogger()
     callback = GateSurgeryCallback(every_n_steps=1, auto_intervene=True)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         _fit(NoGates(), callback, steps=3, logger=recorder)
-    messages = _gate_warnings(record)
+    messages = messages_with(record, "GateSurgeryCallback")
     assert len(messages) == 1 and "found no gated module" in messages[0] and "extra_gates" in messages[0]
     assert recorder.gate_rows() == {} and callback.interventions == []
 
@@ -152,7 +132,7 @@ def test_excluding_every_gated_module_is_the_same_as_no_gates() -> None:
 def test_logs_every_gate_of_every_layer_and_direction_on_probe_steps(
     kwargs: dict[str, Any], rows: list[str], gates: tuple[str, ...]
 ) -> None:
-    recorder = Recorder()
+    recorder = RecordingLogger()
     _fit(_healthy(**kwargs), GateSurgeryCallback(every_n_steps=3), steps=7, logger=recorder)
     logged = recorder.gate_rows()
     assert sorted(logged) == [0, 3, 6]
@@ -198,7 +178,7 @@ class _EveryOther(GateSurgeryCallback):
 
 
 def test_should_compute_can_be_overridden() -> None:
-    recorder = Recorder()
+    recorder = RecordingLogger()
     _fit(_healthy(), _EveryOther(), steps=6, logger=recorder)
     assert sorted(recorder.gate_rows()) == [1, 4]
 
@@ -215,7 +195,7 @@ def test_extra_gates_are_measured_and_repaired() -> None:
             y = super().forward(x)
             return y * torch.sigmoid(self.gate_proj(y))
 
-    recorder = Recorder()
+    recorder = RecordingLogger()
     callback = GateSurgeryCallback(
         every_n_steps=1, patience=1, auto_intervene=True, extra_gates={"gate_proj": "sigmoid"}
     )
@@ -233,7 +213,7 @@ def test_tensorboard_gets_scalars_histograms_layout_and_text(tmp_path: Path) -> 
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     callback = GateSurgeryCallback(every_n_steps=2, patience=1, auto_intervene=True)
     with pytest.warns(RuntimeWarning, match="is saturated"):
-        _fit(_saturated(), callback, steps=4, logger=logger)
+        _fit(saturated_regressor(), callback, steps=4, logger=logger)
     guidance = {"scalars": 0, "histograms": 0, "tensors": 0}
     acc = EventAccumulator(logger.log_dir, size_guidance=guidance)
     acc.Reload()
@@ -261,13 +241,13 @@ def test_tensorboard_gets_scalars_histograms_layout_and_text(tmp_path: Path) -> 
 def test_a_saturated_model_is_detected_and_its_healthy_twin_is_not() -> None:
     kwargs = {"num_layers": 2, "bidirectional": True}
     results = {}
-    for name, model in (("saturated", _saturated(**kwargs)), ("healthy", _healthy(**kwargs))):
-        recorder = Recorder()
+    for name, model in (("saturated", saturated_regressor(**kwargs)), ("healthy", _healthy(**kwargs))):
+        recorder = RecordingLogger()
         callback = GateSurgeryCallback(every_n_steps=2, patience=2)
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
             _fit(model, callback, steps=5, logger=recorder)
-        results[name] = (recorder.gate_rows(), callback, _gate_warnings(record))
+        results[name] = (recorder.gate_rows(), callback, messages_with(record, "GateSurgeryCallback"))
 
     rows, callback, messages = results["saturated"]
     keys = [f"rnn/{r}/{g}" for r in ("l0", "l0_reverse", "l1", "l1_reverse") for g in ("input", "output")]
@@ -291,7 +271,7 @@ def test_a_saturated_model_is_detected_and_its_healthy_twin_is_not() -> None:
 
 def test_monitoring_leaves_the_run_bitwise_identical() -> None:
     def run(with_callback: bool) -> tuple[dict[str, Tensor], list[float]]:
-        model = _saturated(kind="lstm", num_layers=2, bidirectional=True, dropout=0.3)
+        model = saturated_regressor(kind="lstm", num_layers=2, bidirectional=True, dropout=0.3)
         callback = GateSurgeryCallback(every_n_steps=1, patience=1) if with_callback else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -310,13 +290,13 @@ def test_monitoring_leaves_the_run_bitwise_identical() -> None:
 
 
 def test_surgery_repairs_the_saturated_gates_and_records_before_and_after() -> None:
-    recorder = Recorder()
+    recorder = RecordingLogger()
     callback = GateSurgeryCallback(every_n_steps=2, patience=2, auto_intervene=True)
-    model = _saturated(num_layers=2)
+    model = saturated_regressor(num_layers=2)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         _fit(model, callback, steps=7, logger=recorder)
-    messages = _gate_warnings(record)
+    messages = messages_with(record, "GateSurgeryCallback")
     assert len(messages) == 4
     assert all(" is saturated at step 2: 100.0% of its activations, and 8 of 8 units" in m for m in messages)
     assert all("Surgery on those units (bias set to 0, kept W_ih/W_hh rows" in m for m in messages)
@@ -339,7 +319,7 @@ def test_surgery_repairs_the_saturated_gates_and_records_before_and_after() -> N
 
 def test_surgery_helps_the_broken_model() -> None:
     def final_loss(auto: bool) -> float:
-        model = _saturated(seed=3, hidden=16)
+        model = saturated_regressor(seed=3, hidden=16)
         callback = GateSurgeryCallback(every_n_steps=5, patience=1, auto_intervene=auto)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -363,7 +343,7 @@ def test_cooldown_and_max_surgeries() -> None:
         warnings.simplefilter("always")
         _fit(_healthy(), callback, steps=12, callbacks=[_Resaturate()])
     assert [(i.step, i.target) for i in callback.interventions] == [(s, "rnn/l0/input") for s in (0, 3, 6)]
-    messages = _gate_warnings(record)
+    messages = messages_with(record, "GateSurgeryCallback")
     assert sum("max_surgeries=3" in m for m in messages) == 1
     assert sum("Surgery on those units" in m for m in messages) == 1  # one warning per finding
 
@@ -372,18 +352,20 @@ def test_max_surgeries_counts_the_surgeries_decided_on_the_same_probe() -> None:
     callback = GateSurgeryCallback(every_n_steps=1, patience=1, max_surgeries=1, auto_intervene=True)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        _fit(_saturated(), callback, steps=2)
+        _fit(saturated_regressor(), callback, steps=2)
     assert [(i.step, i.target) for i in callback.interventions] == [(0, "rnn/l0/input")]
     assert callback.surgeries == 1
-    assert sum("`max_surgeries=1` surgeries are in effect" in m for m in _gate_warnings(record)) == 1
+    assert (
+        sum("`max_surgeries=1` surgeries are in effect" in m for m in messages_with(record, "GateSurgeryCallback")) == 1
+    )
 
 
 def test_a_second_fit_of_the_same_instance_starts_a_new_diagnosis() -> None:
     callback = GateSurgeryCallback(every_n_steps=1, patience=1, cooldown=100, auto_intervene=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        _fit(_saturated(), callback, steps=1)
-        _fit(_saturated(seed=1), callback, steps=1)  # another model: the first one's cooldowns do not apply
+        _fit(saturated_regressor(), callback, steps=1)
+        _fit(saturated_regressor(seed=1), callback, steps=1)  # another model: the first one's cooldowns do not apply
     targets = ["rnn/l0/input", "rnn/l0/output"]
     assert [(i.step, i.target, i.applied) for i in callback.interventions] == [(0, t, True) for t in targets] * 2
     assert callback.surgeries == 2  # in effect on the model of this fit
@@ -393,9 +375,9 @@ def test_repair_gates_limits_surgery_and_reports_the_rest() -> None:
     callback = GateSurgeryCallback(every_n_steps=1, patience=1, auto_intervene=True, repair_gates=["output"])
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        _fit(_saturated(), callback, steps=2)
+        _fit(saturated_regressor(), callback, steps=2)
     assert [i.target for i in callback.interventions] == ["rnn/l0/output"]
-    messages = _gate_warnings(record)
+    messages = messages_with(record, "GateSurgeryCallback")
     assert len(messages) == 2
     assert (
         "'rnn/l0/input' is saturated" in messages[0]
@@ -451,18 +433,8 @@ def test_resume_from_a_checkpoint_does_not_repeat_a_surgery(tmp_path: Path) -> N
 # --------------------------------------------------------------------------------------------------- example
 
 
-def _load_example() -> Any:
-    path = Path(__file__).resolve().parent.parent / "examples" / "saturated_lstm.py"
-    spec = importlib.util.spec_from_file_location("saturated_lstm_example", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_example_detects_on_the_first_probe_and_surgery_lowers_the_loss() -> None:
-    example = _load_example()
+    example = load_example("saturated_lstm")
     small = "--steps 60 --hidden 32 --layers 1 --every-n-steps 10 --patience 1 --max-chars 50000 --batch-size 16"
     args = example.parse_args([*small.split(), "--seq-len", "32"])
     without, with_surgery = example.compare(args)

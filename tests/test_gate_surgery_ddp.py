@@ -7,20 +7,18 @@ repair different rows.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from gate_models import INPUT_SIZE, GateRankReport, Recorder, RecurrentRegressor, saturate_, trainer
 from lightning.pytorch import seed_everything
-from models import RankStridedDataset
 from torch.utils.data import DataLoader
 
 from lightning_gradflow.callbacks.gate_surgery import GateSurgeryCallback
+from tests.helpers import ddp
+from tests.helpers.gate_models import INPUT_SIZE, RecurrentRegressor, saturate_
+from tests.helpers.training import RecordingLogger, rows_with
 
-WORLD_SIZE = 2
 BATCH = 8
 STEPS = 4
 HIDDEN = 8
@@ -30,12 +28,12 @@ HOT_FEATURE = 3  # large on rank 1's samples only
 def _loader() -> DataLoader:
     """Rank r reads samples r, r + 2, ...; feature 3 is 20 on rank 1's samples and 0 on rank 0's."""
     gen = torch.Generator().manual_seed(0)
-    n = WORLD_SIZE * BATCH * STEPS
+    n = ddp.WORLD_SIZE * BATCH * STEPS
     x = torch.randn(n, 10, INPUT_SIZE, generator=gen)
-    x[0::WORLD_SIZE, :, HOT_FEATURE] = 0.0
-    x[1::WORLD_SIZE, :, HOT_FEATURE] = 20.0
+    x[0 :: ddp.WORLD_SIZE, :, HOT_FEATURE] = 0.0
+    x[1 :: ddp.WORLD_SIZE, :, HOT_FEATURE] = 20.0
     y = torch.tanh(x[..., :1].cumsum(1) / 10**0.5)
-    return DataLoader(RankStridedDataset(x, y, WORLD_SIZE), batch_size=BATCH, shuffle=False)
+    return DataLoader(ddp.RankStridedDataset(x, y, ddp.WORLD_SIZE), batch_size=BATCH, shuffle=False)
 
 
 def _model() -> RecurrentRegressor:
@@ -52,27 +50,23 @@ def _model() -> RecurrentRegressor:
 @pytest.mark.ddp
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_ranks_decide_on_reduced_statistics_and_change_the_same_rows(tmp_path: Path) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     callback = GateSurgeryCallback(every_n_steps=1, patience=2, auto_intervene=True)
-    t = trainer(
-        strategy="ddp_spawn",
-        devices=WORLD_SIZE,
-        use_distributed_sampler=False,
+    t = ddp.trainer(
         max_steps=STEPS,
-        logger=Recorder(),
-        callbacks=[callback, GateRankReport(str(tmp_path))],
+        logger=RecordingLogger(),
+        callbacks=[callback, ddp.RankReport(str(tmp_path), GateSurgeryCallback)],
     )
     t.fit(_model(), _loader())
 
-    reports: list[dict[str, Any]] = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    reports = ddp.reports(tmp_path)
     zero, one = reports
-    assert [r["world_size"] for r in reports] == [WORLD_SIZE] * WORLD_SIZE
+    assert [r["world_size"] for r in reports] == [ddp.WORLD_SIZE] * ddp.WORLD_SIZE
     assert zero["losses"][0] != one["losses"][0]  # different data on each rank
 
     # rank 1 alone would have found 4 forget units saturated on all of its positions; summed over both ranks they
     # are saturated on half the positions, below the 95% unit threshold, so no rank touches them
-    rows = {step: m for step, m in zero["rows"] if "gates/surgeries" in m}
-    assert {step: m for step, m in one["rows"] if "gates/surgeries" in m} == rows
+    rows = rows_with(zero["rows"], "gates/surgeries")
+    assert rows_with(one["rows"], "gates/surgeries") == rows
     assert rows[0]["gates/saturation/rnn/l0/forget"] == pytest.approx(0.25, abs=0.01)
     assert rows[0]["gates/saturated_units/rnn/l0/forget"] == 0.0
 

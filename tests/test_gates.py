@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -38,17 +37,11 @@ from lightning_gradflow.gates import (
     row_scales,
 )
 
-# PyTorch's own LSTM warns when it falls back from oneDNN for projected LSTMs; not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The tensors here are tiny: one intra-op thread is fastest (oneDNN's LSTM spins badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # PyTorch's own LSTM warns when it falls back from oneDNN for projected LSTMs; not ours.
+    pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN"),
+]
 
 
 # ------------------------------------------------------------------------------------------------ the reference

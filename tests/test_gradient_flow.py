@@ -17,10 +17,13 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from models import (
+from torch import Tensor, nn
+
+from lightning_gradflow import GradientFlowCallback, Intervention
+from lightning_gradflow.clipping import ZScoreClipper
+from tests.helpers.models import (
     GradNormProbe,
     PlainDeepMLP,
-    RecordingLogger,
     RegressionModule,
     ResidualDeepMLP,
     ScrambledOrderNet,
@@ -28,37 +31,12 @@ from models import (
     VanillaRNN,
     layer_of,
     parameters_snapshot,
-    quiet_trainer,
     regression_loader,
     sequence_loader,
 )
-from torch import Tensor, nn
+from tests.helpers.training import RecordingLogger, all_finite, quiet_trainer, warnings_from
 
-from lightning_gradflow import GradientFlowCallback, Intervention
-from lightning_gradflow.clipping import ZScoreClipper
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny models run much faster (and steadier on a shared 2-core machine) on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _gradflow_warnings(recwarn: pytest.WarningsRecorder, contains: str = "") -> list[str]:
-    return [
-        str(w.message)
-        for w in recwarn
-        if issubclass(w.category, RuntimeWarning)
-        and str(w.message).startswith("GradientFlowCallback")
-        and contains in str(w.message)
-    ]
-
-
-def _all_finite(module: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------ 1. diagnosis and its twin
@@ -78,7 +56,7 @@ def test_deep_sigmoid_mlp_is_diagnosed_vanishing_in_its_early_layers(recwarn: py
     assert vanishing[59] > 0, vanishing
     assert all(v == 0 for v in logger.series("gradflow/exploding_layers").values())
 
-    messages = _gradflow_warnings(recwarn, "vanishing gradients")
+    messages = warnings_from(recwarn, "GradientFlowCallback", "vanishing gradients", category=RuntimeWarning)
     flagged = [re.search(r"layer '([^']+)'", m).group(1) for m in messages]  # type: ignore[union-attr]
     assert len(flagged) == len(set(flagged)) == vanishing[59]  # one warning per layer, as many as are counted
     # the flagged layers are the early ones: a prefix of the depth order that starts at the input layer
@@ -98,14 +76,14 @@ def test_residual_prenorm_twin_is_not_flagged(recwarn: pytest.WarningsRecorder) 
     trainer.fit(model, regression_loader(256, 8, batch_size=32))
 
     assert trainer.global_step == 300
-    assert all(math.isfinite(loss) for loss in model.losses) and _all_finite(model)
+    assert all(math.isfinite(loss) for loss in model.losses) and all_finite(model)
     assert sum(model.losses[-10:]) < 0.25 * sum(model.losses[:10])  # it trains
     assert callback.layers[0] == "inp" and callback.layers[-2:] == ["norm", "head"]
     rows = logger.gradflow_rows()
     assert len(rows) == 30
     assert all(r["gradflow/vanishing_layers"] == 0 and r["gradflow/exploding_layers"] == 0 for r in rows.values())
     assert all(math.isfinite(r["gradflow/grad_norm_total"]) for r in rows.values())
-    assert _gradflow_warnings(recwarn) == []
+    assert warnings_from(recwarn, "GradientFlowCallback", category=RuntimeWarning) == []
     assert callback.interventions == []
 
 
@@ -133,10 +111,10 @@ def test_exploding_rnn_diverges_without_the_callback() -> None:
 
 
 def test_exploding_rnn_stays_finite_with_zscore_clipping() -> None:
-    callback = GradientFlowCallback(auto_intervene=True)
+    callback = GradientFlowCallback(auto_intervene=True, clip_mode="zscore")
     model, logger = _fit_rnn([callback])
     assert all(math.isfinite(loss) for loss in model.losses)
-    assert _all_finite(model)
+    assert all_finite(model)
     kinds = {i.kind for i in callback.interventions}
     assert "clip" in kinds and kinds <= {"clip", "skip_step"}
     assert all(i.applied and i.callback == "GradientFlowCallback" for i in callback.interventions)
@@ -148,7 +126,7 @@ def test_exploding_rnn_stays_finite_with_zscore_clipping() -> None:
 def test_exploding_rnn_loss_stays_bounded_with_zscore_clipping_and_a_cap() -> None:
     # ZClip judges each norm against the run's own history, so a run that diverges from its very first steps keeps
     # raising its own baseline (documented): a hard cap (`clip_value`) on top bounds it.
-    model, _ = _fit_rnn([GradientFlowCallback(auto_intervene=True, clip_value=1.0)])
+    model, _ = _fit_rnn([GradientFlowCallback(auto_intervene=True, clip_mode="zscore", clip_value=1.0)])
     assert max(model.losses) < 100.0
 
 
@@ -163,7 +141,7 @@ def test_exploding_rnn_loss_stays_bounded_with_zscore_clipping_and_a_cap() -> No
 def test_exploding_rnn_is_rescued_by_the_other_clip_modes(kwargs: dict[str, Any]) -> None:
     callback = GradientFlowCallback(auto_intervene=True, **kwargs)
     model, logger = _fit_rnn([callback])
-    assert all(math.isfinite(loss) for loss in model.losses) and _all_finite(model)
+    assert all(math.isfinite(loss) for loss in model.losses) and all_finite(model)
     assert max(model.losses) < 50.0  # bounded, not merely finite (the initial loss is ~0.9)
     coef = logger.series("gradflow/clip_coef")
     assert len(coef) == RNN_STEPS
@@ -204,10 +182,11 @@ def test_fixed_clipping_that_does_not_clip_changes_nothing() -> None:
     [
         pytest.param({}, id="during-warmup"),  # 20 steps < 25 warm-up steps
         pytest.param({"warmup_steps": 2, "z_threshold": 1e3}, id="after-warmup-below-threshold"),
+        pytest.param({"clip_mode": "trend"}, id="trend-default"),
     ],
 )
 def test_zscore_clipping_that_does_not_clip_changes_nothing(kwargs: dict[str, Any]) -> None:
-    _assert_clipping_changes_nothing(GradientFlowCallback(auto_intervene=True, **kwargs))
+    _assert_clipping_changes_nothing(GradientFlowCallback(auto_intervene=True, **{"clip_mode": "zscore", **kwargs}))
 
 
 # ---------------------------------------------------------------------------------------- 3. exact norms
@@ -642,7 +621,7 @@ def test_resume_restores_the_callback_state(tmp_path: Path) -> None:
         # a low z-threshold and a short warm-up, so that the clipper clips and its statistics move in both halves;
         # logging windows of 5 steps, so the checkpoint at step 10 falls right after a logging step
         return GradientFlowCallback(
-            auto_intervene=True, warmup_steps=3, z_threshold=0.5, log_every_n_steps=5, patience=2
+            auto_intervene=True, clip_mode="zscore", warmup_steps=3, z_threshold=0.5, log_every_n_steps=5, patience=2
         )
 
     full_cb, ckpt_path, resumed_cb, state_at_start = _fit_with_checkpoint(tmp_path, make_callback)
@@ -733,18 +712,18 @@ def test_fp16_overflow_steps_are_counted_not_treated_as_explosions(auto_interven
     assert [i for i in callback.interventions if i.kind == "skip_step"] == []
     # training proceeds once the scale is right
     assert all(math.isfinite(loss) for loss in model.losses[overflow_steps[-1] + 1 :])
-    assert _all_finite(model)
+    assert all_finite(model)
     assert sum(model.losses[-5:]) < sum(model.losses[:5])
 
 
 def test_fp16_overflow_steps_are_not_diagnosed_as_vanishing(recwarn: pytest.WarningsRecorder) -> None:
     _, logger, _ = _fit_fp16(GradientFlowCallback())
     assert all(v == 0 for v in logger.series("gradflow/vanishing_layers").values())
-    assert _gradflow_warnings(recwarn) == []
+    assert warnings_from(recwarn, "GradientFlowCallback", category=RuntimeWarning) == []
 
 
 def test_fp16_overflow_steps_do_not_feed_the_clip_statistics() -> None:
-    callback = GradientFlowCallback(auto_intervene=True, warmup_steps=10)
+    callback = GradientFlowCallback(auto_intervene=True, clip_mode="zscore", warmup_steps=10)
     _, logger, probe = _fit_fp16(callback)
     norms = logger.series("gradflow/grad_norm_total")  # pre-clip norms
     reference = ZScoreClipper(warmup_steps=10)
@@ -757,7 +736,7 @@ def test_fp16_overflow_steps_do_not_feed_the_clip_statistics() -> None:
 
 
 def test_fp16_overflow_during_zclip_warmup_does_not_freeze_training() -> None:
-    callback = GradientFlowCallback(auto_intervene=True, warmup_steps=10)
+    callback = GradientFlowCallback(auto_intervene=True, clip_mode="zscore", warmup_steps=10)
     _, logger, probe = _fit_fp16(callback, steps=50)
     last_overflow = max(s for s, bad in probe.overflow.items() if bad)
     coef = logger.series("gradflow/clip_coef")
@@ -884,7 +863,7 @@ def test_nonfinite_step_never_reaches_the_weights(clip_mode: str, recwarn: pytes
     assert around.before and around.after
     for name, p in around.after.items():
         assert torch.equal(p, around.before[name]), name
-    assert _all_finite(model)
+    assert all_finite(model)
     optimizer = trainer.optimizers[0]
     for p in model.parameters():
         state = optimizer.state[p]
@@ -895,7 +874,9 @@ def test_nonfinite_step_never_reaches_the_weights(clip_mode: str, recwarn: pytes
     assert callback.skipped_steps == 1
     assert logger.series("gradflow/skipped_steps")[7] == 1.0
     assert logger.series("gradflow/nonfinite_grads")[NAN_STEP] > 0
-    assert _gradflow_warnings(recwarn, "non-finite") == []  # acted on, not warned about
+    assert (
+        warnings_from(recwarn, "GradientFlowCallback", "non-finite", category=RuntimeWarning) == []
+    )  # acted on, not warned about
 
 
 def test_nonfinite_gradients_without_intervention_warn_once(recwarn: pytest.WarningsRecorder) -> None:
@@ -905,8 +886,8 @@ def test_nonfinite_gradients_without_intervention_warn_once(recwarn: pytest.Warn
     trainer = quiet_trainer(max_steps=8, logger=RecordingLogger(), callbacks=[callback])
     trainer.fit(model, regression_loader(128, 8, nan_batch=NAN_STEP))
 
-    assert not _all_finite(model)  # monitoring only: the NaN reached the weights
-    messages = _gradflow_warnings(recwarn, "non-finite")
+    assert not all_finite(model)  # monitoring only: the NaN reached the weights
+    messages = warnings_from(recwarn, "GradientFlowCallback", "non-finite", category=RuntimeWarning)
     assert len(messages) == 1, messages
     assert "auto_intervene=True" in messages[0]
     assert callback.skipped_steps == 0
@@ -918,4 +899,4 @@ def test_nonfinite_gradients_warn_even_between_logging_steps(recwarn: pytest.War
     callback = GradientFlowCallback(log_every_n_steps=50)  # the Trainer's default interval
     trainer = quiet_trainer(max_steps=8, logger=RecordingLogger(), callbacks=[callback])
     trainer.fit(SmallMLP(lr=0.01, optimizer="adam"), regression_loader(128, 8, nan_batch=NAN_STEP))
-    assert len(_gradflow_warnings(recwarn, "non-finite")) == 1
+    assert len(warnings_from(recwarn, "GradientFlowCallback", "non-finite", category=RuntimeWarning)) == 1

@@ -7,53 +7,52 @@ all-reduced gradients, and every decision (clip, skip) must come out the same on
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from lightning.pytorch import seed_everything
-from models import GradNormProbe, RankReport, RankStridedDataset, RecordingLogger, SmallMLP, quiet_trainer
 from torch.utils.data import DataLoader
 
 from lightning_gradflow import GradientFlowCallback
+from tests.helpers import ddp
+from tests.helpers.models import GradNormProbe, SmallMLP
+from tests.helpers.training import RecordingLogger, rows_with
 
-WORLD_SIZE = 2
 BATCH = 8
 STEPS = 6
 NAN_STEP = 4  # a NaN sample in rank 1's batch at this step, none in rank 0's
 
 
 def _ddp_loader() -> DataLoader:
-    """Unshuffled data; rank r reads the samples r, r + 2, r + 4, ... (see RankStridedDataset)."""
+    """Unshuffled data; rank r reads the samples r, r + 2, r + 4, ... (see ddp.RankStridedDataset)."""
     gen = torch.Generator().manual_seed(0)
-    n = WORLD_SIZE * BATCH * STEPS
+    n = ddp.WORLD_SIZE * BATCH * STEPS
     x = torch.randn(n, 8, generator=gen)
     y = torch.tanh(x[:, :1] - x[:, 1:2])
-    x[WORLD_SIZE * NAN_STEP * BATCH + 1, 0] = float("nan")  # the first sample of rank 1's batch NAN_STEP
-    return DataLoader(RankStridedDataset(x, y, WORLD_SIZE), batch_size=BATCH, shuffle=False)
+    x[ddp.WORLD_SIZE * NAN_STEP * BATCH + 1, 0] = float("nan")  # the first sample of rank 1's batch NAN_STEP
+    return DataLoader(ddp.RankStridedDataset(x, y, ddp.WORLD_SIZE), batch_size=BATCH, shuffle=False)
 
 
 @pytest.mark.ddp
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_ddp_logs_all_reduced_norms_and_decides_alike_on_every_rank(tmp_path: Path) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     seed_everything(0, verbose=False)
-    callback = GradientFlowCallback(auto_intervene=True, warmup_steps=2, z_threshold=0.5)
-    trainer = quiet_trainer(
-        strategy="ddp_spawn",
-        devices=WORLD_SIZE,
-        use_distributed_sampler=False,
+    callback = GradientFlowCallback(auto_intervene=True, clip_mode="zscore", warmup_steps=2, z_threshold=0.5)
+    trainer = ddp.trainer(
         max_steps=STEPS,
         logger=RecordingLogger(),
         # the probe runs before the callback, so it sees the gradients the callback measures (before any clipping)
-        callbacks=[GradNormProbe(), callback, RankReport(str(tmp_path))],
+        callbacks=[
+            GradNormProbe(),
+            callback,
+            ddp.RankReport(str(tmp_path), GradientFlowCallback, ("layers",), {"probe": (GradNormProbe, "norms")}),
+        ],
     )
     trainer.fit(SmallMLP(lr=0.01, optimizer="adam"), _ddp_loader())
 
-    reports: list[dict[str, Any]] = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    assert [r["world_size"] for r in reports] == [WORLD_SIZE] * WORLD_SIZE
+    reports = ddp.reports(tmp_path)
+    assert [r["world_size"] for r in reports] == [ddp.WORLD_SIZE] * ddp.WORLD_SIZE
     zero, one = reports
 
     # the ranks trained on different data (rank 1 alone saw the NaN) ...
@@ -61,10 +60,7 @@ def test_ddp_logs_all_reduced_norms_and_decides_alike_on_every_rank(tmp_path: Pa
     assert zero["losses"][0] != one["losses"][0]
 
     # ... yet rank 0 logs the norms of the all-reduced gradients, and rank 1 computes exactly the same numbers
-    def gradflow_rows(report: dict[str, Any]) -> dict[int, dict[str, float]]:
-        return {step: m for step, m in report["rows"] if "gradflow/grad_norm_total" in m}
-
-    rows, rows_one = gradflow_rows(zero), gradflow_rows(one)
+    rows, rows_one = (rows_with(report["rows"], "gradflow/grad_norm_total") for report in (zero, one))
     assert sorted(rows) == sorted(rows_one) == list(range(STEPS))
     # DDP's all-reduce: the same gradients on both ranks (all NaN at NAN_STEP, where rank 1's batch had a NaN)
     assert {s: n for s, n in zero["probe"].items() if s != NAN_STEP} == {

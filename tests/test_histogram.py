@@ -2,13 +2,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import complex_tensors, sparse_tensors
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import tensor_lists
 
 from lightning_gradflow.stats import HistogramSpec, tensor_histograms, tensor_stats, tensorboard_histogram
 from lightning_gradflow.stats import torch_backend as tb
+from tests.helpers.strategies import complex_tensors, sparse_tensors, tensor_lists
 
 SPECS = [HistogramSpec(), HistogramSpec(min_exp=-10, max_exp=4, bins_per_octave=1), HistogramSpec(-126, 127, 16)]
 

@@ -6,40 +6,35 @@ values would make only one rank cut its learning rate. The callback averages acr
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from models import RankStridedDataset, RecordingLogger, quiet_trainer
-from sharpness_models import LinearRegression, LocalProbe, SharpnessRankReport, regression_data
 from torch.utils.data import DataLoader
 
 from lightning_gradflow.callbacks.sharpness import SharpnessCallback
+from tests.helpers import ddp
+from tests.helpers.sharpness_models import LinearRegression, LocalProbe, regression_data, top_eigenvalue
+from tests.helpers.training import RecordingLogger, rows_with
 
-WORLD_SIZE = 2
 PER_RANK = 32
 STEPS = 6
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
     """Rank 1's inputs are twice rank 0's scale, so its Hessian is four times as sharp."""
-    x, y = regression_data(WORLD_SIZE * PER_RANK)
-    x[1::WORLD_SIZE] *= 2.0
-    y[1::WORLD_SIZE] *= 2.0
+    x, y = regression_data(ddp.WORLD_SIZE * PER_RANK)
+    x[1 :: ddp.WORLD_SIZE] *= 2.0
+    y[1 :: ddp.WORLD_SIZE] *= 2.0
     return x, y
 
 
 @pytest.mark.ddp
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_ranks_decide_on_the_mean_and_make_the_same_change(tmp_path: Path) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     x, y = _data()
-    from sharpness_models import exact_hessian
-
-    local = [float(torch.linalg.eigvalsh(exact_hessian(x[r::WORLD_SIZE]))[-1]) for r in range(WORLD_SIZE)]
-    mean = sum(local) / WORLD_SIZE
+    local = [top_eigenvalue(x[r :: ddp.WORLD_SIZE]) for r in range(ddp.WORLD_SIZE)]
+    mean = sum(local) / ddp.WORLD_SIZE
     lr = 1.5 * 2 / mean  # the mean is 1.5× past the threshold: rank 0 alone (0.6×) would not act, rank 1 (2.4×) would
     assert local[0] * lr / 2 < 1.1 < local[1] * lr / 2
     callback = SharpnessCallback(
@@ -49,31 +44,32 @@ def test_ranks_decide_on_the_mean_and_make_the_same_change(tmp_path: Path) -> No
         auto_intervene=True,
         patience=1,
     )
-    trainer = quiet_trainer(
-        strategy="ddp_spawn",
-        devices=WORLD_SIZE,
-        use_distributed_sampler=False,
+    trainer = ddp.trainer(
         max_steps=STEPS,
         logger=RecordingLogger(),
-        callbacks=[callback, LocalProbe(), SharpnessRankReport(str(tmp_path))],
+        callbacks=[
+            callback,
+            LocalProbe(),
+            ddp.RankReport(str(tmp_path), SharpnessCallback, ("cumulative_factor",), {"local": (LocalProbe, "local")}),
+        ],
     )
-    loader = DataLoader(RankStridedDataset(x, y, WORLD_SIZE), batch_size=PER_RANK, shuffle=False)
+    loader = DataLoader(ddp.RankStridedDataset(x, y, ddp.WORLD_SIZE), batch_size=PER_RANK, shuffle=False)
     trainer.fit(LinearRegression(lr=lr), loader)
 
-    reports: list[dict[str, Any]] = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    reports = ddp.reports(tmp_path)
     zero, one = reports
-    assert [r["world_size"] for r in reports] == [WORLD_SIZE] * WORLD_SIZE
+    assert [r["world_size"] for r in reports] == [ddp.WORLD_SIZE] * ddp.WORLD_SIZE
     assert zero["local"][0] == pytest.approx(local[0], rel=1e-5)  # each rank probed its own batch
     assert one["local"][0] == pytest.approx(local[1], rel=1e-5)
 
-    rows = {step: m for step, m in zero["rows"] if "sharpness/lambda_max" in m}
-    assert {step: m for step, m in one["rows"] if "sharpness/lambda_max" in m} == rows  # same numbers on every rank
+    rows = rows_with(zero["rows"], "sharpness/lambda_max")
+    assert rows_with(one["rows"], "sharpness/lambda_max") == rows  # same numbers on every rank
     assert rows[0]["sharpness/lambda_max"] == pytest.approx(mean, rel=1e-4)
     assert rows[0]["sharpness/stability_ratio"] == pytest.approx(1.5, rel=1e-4)
 
     assert zero["interventions"] == one["interventions"]
     assert [(i["step"], i["applied"]) for i in zero["interventions"]] == [(0, True)]
-    assert zero["factor"] == one["factor"] == 0.5
+    assert zero["cumulative_factor"] == one["cumulative_factor"] == 0.5
     assert zero["lr"] == one["lr"] == pytest.approx(lr / 2)
     for name, value in zero["weights"].items():
         assert torch.equal(value, one["weights"][name]), name

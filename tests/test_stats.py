@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
-from helpers import assert_stats_close, comparable, complex_tensors, sparse_tensors
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import tensor_lists, tensors
 
 from lightning_gradflow.stats import Stat, TensorStats, tensor_stats
 from lightning_gradflow.stats import torch_backend as tb
+from tests.helpers.stats_checks import assert_stats_close, comparable
+from tests.helpers.strategies import complex_tensors, sparse_tensors, tensor_lists, tensors
 
 BACKENDS = ["torch"]  # the Triton backend has its own test module (interpreter on CPU)
 

@@ -1,4 +1,4 @@
-"""Runs every cell of the support matrix (``support_matrix.py``) with every registered callback attached.
+"""Runs every cell of the support matrix (``scripts/support_matrix.py``) with every registered callback attached.
 
 A cell that passes must train to ``max_steps`` with finite losses and weights, every callback must log its tag
 family, no exception may escape, and on clean data no callback may skip steps, roll back or stop. Resume cells
@@ -11,7 +11,6 @@ in an ``xfail(strict=True)`` test of its own. The DDP cells run one after anothe
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from pathlib import Path
@@ -19,8 +18,10 @@ from typing import Any
 
 import pytest
 import torch
-from matrix_runner import MAX_STEPS, RESUME_AT, RESUME_STEPS, finite, run_cell, run_ddp_cells
-from support_matrix import CALLBACK_FACTORIES, CELLS, Cell, attached, known_bugs, refusals
+
+from scripts import support_table
+from scripts.support_matrix import CALLBACK_FACTORIES, CELLS, Cell, attached, known_bugs, refusals
+from tests.helpers.matrix_runner import MAX_STEPS, RESUME_AT, RESUME_STEPS, finite, run_cell, run_ddp_cells
 
 ROOT = Path(__file__).resolve().parents[1]
 SINGLE = [c for c in CELLS if c.strategy == "single"]
@@ -192,23 +193,14 @@ def test_ddp_known_bug(cell: Cell, name: str, ddp_results: dict[str, list[dict[s
 # ------------------------------------------------------------------------------------------- the README table
 
 
-def _support_table_module() -> Any:
-    spec = importlib.util.spec_from_file_location("support_table", ROOT / "scripts" / "support_table.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_readme_table_is_generated_from_the_matrix() -> None:
-    module = _support_table_module()
-    table = module.support_table_markdown()
+    table = support_table.support_table_markdown()
     assert table.count("\n| ") == len(CELLS)  # one row per cell (after the header)
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    start, end = module.START_MARKER, module.END_MARKER
+    start, end = support_table.START_MARKER, support_table.END_MARKER
     if start not in text or end not in text:
         pytest.skip("README has no support-matrix markers yet")
     inside = text.split(start, 1)[1].split(end, 1)[0]
     assert inside.strip() == table.strip(), (
-        "README's support table is stale: run `python scripts/support_table.py --write`"
+        "README's support table is stale: run `python -m scripts.support_table --write`"
     )

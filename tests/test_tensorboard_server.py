@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -22,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
-from matrix_models import TinyLSTM, sequence_loader
 
 from lightning_gradflow import GateSurgeryCallback, GradientFlowCallback
+from tests.helpers.matrix_models import TinyLSTM, sequence_loader
+from tests.helpers.training import free_port, quiet_trainer
 
 RUN = "run"
 STEPS = 8
@@ -47,25 +47,10 @@ def write_logs(root: Path) -> tuple[GradientFlowCallback, GateSurgeryCallback]:
         figure_every_n_steps=4,
     )
     gates = GateSurgeryCallback(every_n_steps=2, auto_intervene=True)
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=STEPS,
-        logger=logger,
-        callbacks=[flow, gates],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        log_every_n_steps=1,
-    )
+    trainer = quiet_trainer(max_steps=STEPS, logger=logger, callbacks=[flow, gates])
     trainer.fit(TinyLSTM(), sequence_loader())
     logger.experiment.flush()
     return flow, gates
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:
@@ -93,7 +78,7 @@ class Server:
 def start_server(logdir: Path, out: Path) -> Server:
     """Starts ``tensorboard`` on a free loopback port and waits until it answers (retries if the port was taken)."""
     for _ in range(3):
-        port = _free_port()
+        port = free_port()
         log = out / f"tensorboard-{port}.log"
         with log.open("wb") as sink:
             process = subprocess.Popen(

@@ -2,13 +2,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import complex_tensors
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import tensor_lists
 
 from lightning_gradflow.stats import UpdateStats, make_snapshot, update_stats
 from lightning_gradflow.stats import torch_backend as tb
+from tests.helpers.strategies import complex_tensors, tensor_lists
 
 
 def _perturbed(ts: list[torch.Tensor], seed: int) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ being taken, from 0).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -26,8 +27,6 @@ from lightning_gradflow.channel import Event, StepChannel, channel_for
 from lightning_gradflow.interventions import Intervention, InterventionLog
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     import lightning.pytorch as pl
     from torch.utils.hooks import RemovableHandle
 
@@ -42,10 +41,15 @@ def is_log_step(step: int, every: int) -> bool:
     return every > 0 and (step + 1) % every == 0
 
 
-def to_host(parts: dict[str, Tensor]) -> dict[str, Tensor]:
+def to_host(parts: dict[str, Tensor], reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
     """Copies every tensor to the host in one transfer (packed into one float64 buffer, then split by name).
 
     Floating tensors come back as float32 (float64 stays float64), integer and bool tensors as int64.
+
+    Args:
+        parts: the tensors, by name (on any device).
+        reduce: applied to the packed buffer on the device before the transfer, e.g.
+            ``partial(trainer.strategy.reduce, reduce_op="sum")``: one all-reduce for every tensor of the step.
 
     Example::
 
@@ -53,10 +57,14 @@ def to_host(parts: dict[str, Tensor]) -> dict[str, Tensor]:
         >>> host = to_host({"norms": torch.tensor([3.0, 4.0]), "count": torch.tensor(2)})
         >>> host["norms"].tolist(), int(host["count"])
         ([3.0, 4.0], 2)
+        >>> to_host({"x": torch.tensor([1.0])}, reduce=lambda flat: flat * 2)["x"].tolist()
+        [2.0]
     """
     if not parts:
         return {}
     flat = torch.cat([t.detach().reshape(-1).double() for t in parts.values()])
+    if reduce is not None:
+        flat = reduce(flat)
     host = flat.cpu()
     out, offset = {}, 0
     for name, t in parts.items():

@@ -1,4 +1,7 @@
-"""Small pieces every callback needs: argument checks, refusing unsupported strategies, AMP-correct gradient norms.
+"""Small pieces every callback needs: argument checks, refusing strategies, AMP-correct norms, TensorBoard writes.
+
+:func:`write_layout` and :func:`write_interventions` write a callback's custom-scalars layout and interventions to
+every TensorBoard logger through the callback's guard; the formatting itself is :mod:`lightning_gradflow.tensorboard`'s.
 
 The argument checks are thin names over the pure checks of :mod:`lightning_gradflow.checks`, which the pure
 rules (``FlowRule``, ``ZClipConfig``, ...) use to validate their own settings: one wording everywhere.
@@ -7,18 +10,23 @@ rules (``FlowRule``, ``ZClipConfig``, ...) use to validate their own settings: o
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from lightning_gradflow import tensorboard as tb
 from lightning_gradflow.checks import check_float, check_int
 from lightning_gradflow.stats import TensorStats
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     from torch.optim import Optimizer
+
+    from lightning_gradflow.callbacks._base import HealthCallback
 
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
@@ -86,3 +94,26 @@ def global_norm_or_nan(stats: TensorStats) -> Tensor:
     """The global norm of all rows (0-dim, on the device); NaN when any value was non-finite."""
     norm = stats.total_norm()
     return torch.where(stats.nonfinite.sum() > 0, torch.full_like(norm, math.nan), norm)
+
+
+def write_layout(callback: HealthCallback, trainer: pl.Trainer, charts: Mapping[str, Sequence[str]], step: int) -> None:
+    """Writes the callback's custom-scalars category (``charts`` relative to its family) to every TensorBoard logger.
+
+    A writer that raises is warned about once (``add_custom_scalars``) and training goes on.
+    """
+    absolute = tb.family_charts(callback.family, charts)
+    for logger in tb.tensorboard_loggers(trainer):
+        write = partial(tb.add_layout_category, logger, callback.family, absolute)
+        callback._tensorboard(trainer, "add_custom_scalars", write, step)
+
+
+def write_interventions(callback: HealthCallback, trainer: pl.Trainer, step: int, what: str = "add_text") -> None:
+    """Writes the callback's interventions not written yet as a table to every TensorBoard logger (rank zero).
+
+    Records count as written only when a TensorBoard logger exists; a writer that raises is warned about once
+    (as ``what``) and training goes on.
+    """
+    loggers = tb.tensorboard_loggers(trainer)
+    new = callback._log.unreported() if loggers else []
+    for logger in loggers if new else []:
+        callback._tensorboard(trainer, what, partial(tb.add_interventions, logger, callback.family, new, step), step)

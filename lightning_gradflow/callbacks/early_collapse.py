@@ -22,12 +22,13 @@ from lightning_gradflow.callbacks._common import (
     log_interval,
     refuse_sharded_strategy,
     unscaled_for_optimizer,
+    write_interventions,
+    write_layout,
 )
 from lightning_gradflow.channel import Event
 from lightning_gradflow.checks import check_bool, check_choice
 from lightning_gradflow.collapse import (
     MAX_RANK_SAMPLE_SIZE,
-    Action,
     CollapseMonitor,
     CollapseStopReason,
     FeatureBuffer,
@@ -44,21 +45,29 @@ from lightning_gradflow.collapse import (
     take_snapshot,
     unit_abs_sums,
 )
-from lightning_gradflow.flow import layer_path
 from lightning_gradflow.interventions import scale_learning_rate
+from lightning_gradflow.reports.collapse import (
+    FAMILY,
+    collapse_metrics,
+    episode_message,
+    representation_metrics,
+    resumed_after_stop_message,
+    sharded_rollback_message,
+    snapshot_device_message,
+    unknown_module_message,
+)
+from lightning_gradflow.schedule import ProbeSchedule
 from lightning_gradflow.stats import Backend, tensor_stats
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     import lightning.pytorch as pl
 
 __all__ = ["CollapseStopReason", "EarlyCollapseCallback", "StepVerdict"]
 
-FAMILY = "collapse"
 _NAME = "EarlyCollapseCallback"
 _RELU_FAMILY = (nn.ReLU, nn.ReLU6)
 _M, _L = MonitorConfig, LadderConfig  # every default below is declared once, in lightning_gradflow.collapse.config
+_DENSE_EVERY, _DENSE_STEPS = 5, 50  # representation probes: every 5 steps for the first 50 and after a finding
 
 
 class _Pending(NamedTuple):
@@ -82,11 +91,19 @@ class EarlyCollapseCallback(HealthCallback):
     gradient norm after AMP unscaling — read from the trainer's channel when another callback published it this
     step, else computed here in one fused :func:`~lightning_gradflow.stats.tensor_stats` pass and published, so the
     order of the callbacks never matters. Under DDP both are averaged across ranks first, so every rank decides the
-    same. On probe steps (:meth:`should_compute`, every ``every_n_steps`` from step 0): the dead fraction of each
+    same. On probe steps (:meth:`should_compute`, see *Schedule*): the dead fraction of each
     ReLU-family module (or ``dead_unit_layers``), and RankMe and feature std of the input of
     ``representation_layers`` (default: the last module with parameters) over the last ``rank_sample_size`` rows.
     Sparse gradients (``nn.Embedding(sparse=True)``) and complex parameters are judged exactly (the statistics read
     sparse values and ``|z|``), and snapshots copy them as they are.
+
+    **Schedule** (:attr:`schedule`, a :class:`~lightning_gradflow.schedule.ProbeSchedule`): representation probes
+    run every 5 steps during the first 50 optimizer steps (dead units are most often there from initialisation) and
+    for 50 steps after each finding or intervention; in between the interval doubles after each probe up to
+    ``every_n_steps``. ``adaptive_schedule=False`` (or ``every_n_steps`` ≤ 5) gives the fixed schedule
+    ``step % every_n_steps == 0``. A layer's effective rank is judged only once its features have spread (some
+    probe measured at least ``2 · min_effective_rank``): the near-constant outputs of a random initialisation are no
+    collapse.
 
     **Warnings**: once per episode (listed in :attr:`warnings`), and once per representation finding per layer.
 
@@ -122,7 +139,9 @@ class EarlyCollapseCallback(HealthCallback):
     Args:
         auto_intervene: run the intervention ladder; otherwise only observe and warn.
         log_every_n_steps: optimizer steps between logs; default: the Trainer's ``log_every_n_steps``.
-        every_n_steps: optimizer steps between representation probes; 0 disables them.
+        every_n_steps: the longest interval between representation probes (see *Schedule*); 0 disables them.
+        adaptive_schedule: probe densely at the start and after a finding or an intervention, sparsely otherwise;
+            False for a probe every ``every_n_steps`` steps.
         spike_detector: ``"mad"`` (median/MAD over a window) or ``"ema"`` (EMA mean and variance).
         window: healthy steps in the median/MAD window (at most ``MAX_WINDOW`` = 10 000).
         min_history: healthy steps observed before spikes and divergence are scored (at most ``window``).
@@ -188,6 +207,7 @@ class EarlyCollapseCallback(HealthCallback):
         auto_intervene: bool = False,
         log_every_n_steps: int | None = None,
         every_n_steps: int = 50,
+        adaptive_schedule: bool = True,
         spike_detector: Literal["mad", "ema"] = _M.spike_detector,
         window: int = _M.window,
         min_history: int = _M.min_history,
@@ -230,6 +250,9 @@ class EarlyCollapseCallback(HealthCallback):
         self.auto_intervene = auto_intervene
         self.log_every_n_steps = log_every_n_steps
         self.every_n_steps = every_n_steps
+        self.adaptive_schedule = adaptive_schedule
+        adaptive = adaptive_schedule and every_n_steps > _DENSE_EVERY
+        self.schedule = ProbeSchedule(every_n_steps, _DENSE_EVERY, _DENSE_STEPS, adaptive=adaptive)
         self.representation_layers = representation_layers
         self.dead_unit_layers = dead_unit_layers
         self.rank_sample_size = rank_sample_size
@@ -250,6 +273,8 @@ class EarlyCollapseCallback(HealthCallback):
 
     @override
     def _reset_fit_state(self) -> None:
+        self.schedule.reset()
+        self._due_step = -1
         self.monitor.reset()
         self.ladder.reset()
         self.last_verdict: StepVerdict | None = None
@@ -308,8 +333,13 @@ class EarlyCollapseCallback(HealthCallback):
         )
 
     def should_compute(self, step: int) -> bool:
-        """Whether optimizer step ``step`` runs a representation probe (must agree on all ranks)."""
-        return is_probe_step(step, self.every_n_steps)
+        """Whether optimizer step ``step`` runs a representation probe (the same on all ranks; idempotent per step)."""
+        if step == self._due_step:
+            return True
+        if self.schedule.due(step):
+            self._due_step = step
+            return True
+        return False
 
     # ----------------------------------------------------------------------------------------------- lifecycle
 
@@ -322,11 +352,7 @@ class EarlyCollapseCallback(HealthCallback):
             if not self.rollback_enabled:
                 raise
             name = type(trainer.strategy).__name__
-            raise MisconfigurationException(
-                f"{_NAME}(auto_intervene=True, rollback=True) cannot roll back under `strategy={name}`: its snapshots"
-                " would hold only this rank's shards of the parameters and optimizer state. Use a single device or"
-                " `strategy='ddp'`, or pass `rollback=False`."
-            ) from err
+            raise MisconfigurationException(sharded_rollback_message(_NAME, name)) from err
         device = torch.device(self.snapshot_device)
         problem = "the meta device holds no data: a rollback would restore nothing" if device.type == "meta" else ""
         try:
@@ -334,10 +360,7 @@ class EarlyCollapseCallback(HealthCallback):
         except (RuntimeError, AssertionError, ValueError) as err:
             problem = f"this machine has no such device ({type(err).__name__}: {err})"
         if problem:
-            raise MisconfigurationException(
-                f"{_NAME}(`snapshot_device={self.snapshot_device!r}`): {problem}. Pass `snapshot_device='cpu'` (the"
-                " default) or an accelerator this machine has."
-            )
+            raise MisconfigurationException(snapshot_device_message(_NAME, self.snapshot_device, problem))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -363,18 +386,7 @@ class EarlyCollapseCallback(HealthCallback):
         if self.ladder.config.rollback:  # the first snapshot: the state training starts (or resumes) from
             step = trainer.global_step
             self.ladder.keep(step, self._take_snapshot(trainer, pl_module, step) if self.auto_intervene else None)
-        for logger in tb.tensorboard_loggers(trainer):
-            layout: dict[str, Sequence[str]] = {
-                "collapse risk": [f"{FAMILY}/risk"],
-                "spike z-scores": [f"{FAMILY}/loss_zscore", f"{FAMILY}/grad_norm_zscore"],
-                "divergence (log of smoothed loss over its best)": [f"{FAMILY}/divergence"],
-                "dead units (fraction)": [f"{FAMILY}/dead_fraction/"],
-                "effective rank (RankMe)": [f"{FAMILY}/effective_rank/"],
-                "feature std (L2-normalised)": [f"{FAMILY}/feature_std/"],
-                "interventions": [f"{FAMILY}/rollbacks", f"{FAMILY}/lr_scale", f"{FAMILY}/skipped_steps"],
-            }
-            write = partial(tb.add_layout_category, logger, FAMILY, layout)
-            self._tensorboard(trainer, "add_custom_scalars", write, trainer.global_step)
+        write_layout(self, trainer, tb.COLLAPSE_CHARTS, trainer.global_step)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -444,16 +456,14 @@ class EarlyCollapseCallback(HealthCallback):
         world = trainer.world_size
         if world > 1:  # per-unit sums add across ranks; rank and std are averaged
             flat = trainer.strategy.reduce(flat, reduce_op="sum")
-        out: list[tuple[str, str, Tensor]] = []
-        offset = 0
-        for n, part in zip(dead_names, parts, strict=True):
-            sums = flat[offset : offset + part.numel()]
-            offset += part.numel()
-            out.append(("dead_fraction", n, dead_fraction(sums, 1, self.monitor.config.dormant_threshold)))
-        for n in repr_names:
-            out.append(("effective_rank", n, flat[offset] / world))
-            out.append(("feature_std", n, flat[offset + 1] / world))
-            offset += 2
+        pieces = flat.split([p.numel() for p in parts] + [2] * len(repr_names))
+        threshold = self.monitor.config.dormant_threshold
+        dead, ranks = pieces[: len(dead_names)], pieces[len(dead_names) :]
+        out = [
+            ("dead_fraction", n, dead_fraction(sums, 1, threshold)) for n, sums in zip(dead_names, dead, strict=True)
+        ]
+        for n, (rank, std) in zip(repr_names, ranks, strict=True):
+            out += [("effective_rank", n, rank / world), ("feature_std", n, std / world)]
         self._dead_sums = {}
         return out
 
@@ -538,7 +548,8 @@ class EarlyCollapseCallback(HealthCallback):
             probe = {(kind, layer): v for (kind, layer, _), v in zip(measured, host["probe"], strict=True)}
             for message in self.monitor.score_representations(step, probe):
                 self._warn(step, message)
-            self.representation = {f"{FAMILY}/{kind}/{layer_path(layer)}": v for (kind, layer), v in probe.items()}
+                self.schedule.found(step)
+            self.representation = representation_metrics(probe)
         verdicts = [
             self.monitor.observe(p.step, loss if p.has_loss else math.nan, norm, p.scaler_active, p.has_loss)
             for p, (loss, norm) in zip(pending, host.get("steps", []), strict=True)
@@ -551,10 +562,11 @@ class EarlyCollapseCallback(HealthCallback):
         """Asks the ladder about one verdict, records its actions, and applies them (``auto_intervene``)."""
         actions = self.ladder.decide(v)
         if v.opens_episode:
-            self._warn(v.step, self._episode_message(v, actions))
+            self._warn(v.step, episode_message(v, actions, self.auto_intervene, self.monitor.config.risk_threshold))
         for a in actions:
             if a.recorded:
                 self._log.add(v.step, a.kind, a.target, a.reason, a.before, a.after, applied=self.auto_intervene)
+                self.schedule.found(v.step)
         if not self.auto_intervene:  # a dry run: keep the snapshot bookkeeping auto mode would keep
             if self.ladder.may_snapshot() and is_probe_step(v.step + 1, self.ladder.config.snapshot_every_n_steps):
                 self.ladder.keep(v.step + 1)
@@ -570,20 +582,6 @@ class EarlyCollapseCallback(HealthCallback):
             elif a.kind == "stop":
                 trainer.should_stop = True
                 self._warn(v.step, self.ladder.stop_message)
-
-    def _episode_message(self, v: StepVerdict, actions: list[Action]) -> str:
-        done = [a.kind for a in actions if a.recorded]
-        if self.auto_intervene:
-            then = f"applied: {', '.join(done)}" if done else "no action yet"
-            risk = self.monitor.config.risk_threshold
-            what = f"auto_intervene is on (skip → cut LR → roll back → stop, from risk {risk:g}); {then}"
-        else:
-            then = f"it would now: {', '.join(done)}" if done else "it would not act yet"
-            what = (
-                "monitoring only: with `auto_intervene=True` the callback would skip, cut the LR, roll back or stop"
-                f" as listed in `interventions` (applied=False); {then}"
-            )
-        return f"collapse risk {v.risk:.2f} at step {v.step} ({', '.join(v.reasons)}, loss {v.loss:.4g}); {what}."
 
     def _warn(self, step: int, message: str) -> None:
         self.warnings.append((step, message))
@@ -601,7 +599,7 @@ class EarlyCollapseCallback(HealthCallback):
         if self._rollback_to is not None:
             (step, snapshot), self._rollback_to = self._rollback_to, None
             self._restore(trainer, pl_module, snapshot, step)
-            self._write_text(trainer, trainer.global_step)
+            write_interventions(self, trainer, trainer.global_step)
             return
         step = trainer.global_step  # the state after the step: that of the start of step `step`
         every = self.ladder.config.snapshot_every_n_steps
@@ -641,29 +639,12 @@ class EarlyCollapseCallback(HealthCallback):
         metrics: dict[str, float] = {}
         v = self.last_verdict
         if log and v is not None:
-            metrics.update(
-                {
-                    f"{FAMILY}/risk": v.risk,
-                    f"{FAMILY}/loss_zscore": v.loss_z,
-                    f"{FAMILY}/grad_norm_zscore": v.grad_z,
-                    f"{FAMILY}/divergence": v.divergence,
-                    f"{FAMILY}/overflow_steps": float(self.overflow_steps),
-                    f"{FAMILY}/skipped_steps": float(self.skipped_steps),
-                    f"{FAMILY}/rollbacks": float(self.rollbacks),
-                    f"{FAMILY}/lr_scale": self.lr_scale,
-                    f"{FAMILY}/interventions": float(len(self._log)),
-                }
-            )
+            counts = (self.overflow_steps, self.skipped_steps, self.rollbacks, self.lr_scale, len(self._log))
+            metrics.update(collapse_metrics(v, *counts))
         if probed:
             metrics.update(self.representation)
         self._log_metrics(trainer, metrics, step)
-        self._write_text(trainer, step)
-
-    def _write_text(self, trainer: pl.Trainer, step: int) -> None:
-        loggers = tb.tensorboard_loggers(trainer)
-        new = self._log.unreported() if loggers else []
-        for logger in loggers if new else []:
-            self._tensorboard(trainer, "add_text", partial(tb.add_interventions, logger, FAMILY, new, step), step)
+        write_interventions(self, trainer, step)
 
     # ----------------------------------------------------------------------------------------------------- state
 
@@ -675,6 +656,7 @@ class EarlyCollapseCallback(HealthCallback):
             "ladder": self.ladder.state_dict(),
             "snapshot_steps": self.ladder.snapshot_steps(),  # the snapshots themselves are not saved
             "warnings": [list(w) for w in self.warnings],
+            "schedule": self.schedule.state_dict(),
         }
 
     @override
@@ -682,31 +664,25 @@ class EarlyCollapseCallback(HealthCallback):
         self.monitor.load_state_dict(state["monitor"])
         self.ladder.load_state_dict(state["ladder"])
         warnings = [(int(s), str(m)) for s, m in state["warnings"]]
+        if "schedule" in state:  # absent from checkpoints of older versions: the schedule starts afresh
+            self.schedule.load_state_dict(state["schedule"])
         self._log.load_state_dict(state["interventions"])
         self.warnings = warnings
         if self.ladder.stopped_reason is not CollapseStopReason.NOT_STOPPED:
             message = self.ladder.stop_message
             self.ladder.start_episode()
-            self._warn_once(
-                f"resumed after stop: {message}",
-                f"the checkpoint was saved after this callback {message} Training resumes from it: the intervention"
-                " ladder starts a new episode (strikes and rollback budget reset). If the cause was not fixed, it"
-                " will stop the run again.",
-            )
+            self._warn_once(f"resumed after stop: {message}", resumed_after_stop_message(message))
 
 
 def _module(modules: dict[str, nn.Module], name: str, argument: str) -> nn.Module:
     if name not in modules:
-        raise MisconfigurationException(
-            f"{_NAME}(`{argument}`) names the module '{name}', which the model does not have. Known modules:"
-            f" {[n for n in modules if n][:20]}."
-        )
+        raise MisconfigurationException(unknown_module_message(_NAME, name, argument, list(modules)))
     return modules[name]
 
 
 def _validate(a: dict[str, Any]) -> None:
     """Refuses bad arguments of the shell (the configs check their own) naming the argument and the fix."""
-    for name in ("auto_intervene", "restore_rng"):
+    for name in ("auto_intervene", "restore_rng", "adaptive_schedule"):
         check_bool(name, a[name])
     check_positive_int("log_every_n_steps", a["log_every_n_steps"], allow_none=True)
     check_positive_int("every_n_steps", a["every_n_steps"], allow_zero=True)

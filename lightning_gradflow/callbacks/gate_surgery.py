@@ -13,8 +13,13 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_gradflow import tensorboard as tb
-from lightning_gradflow.callbacks._base import HealthCallback, is_probe_step, to_host
-from lightning_gradflow.callbacks._common import check_positive_float, check_positive_int, refuse_sharded_strategy
+from lightning_gradflow.callbacks._base import HealthCallback, to_host
+from lightning_gradflow.callbacks._common import (
+    check_positive_float,
+    check_positive_int,
+    refuse_sharded_strategy,
+    write_layout,
+)
 from lightning_gradflow.checks import check_bool
 from lightning_gradflow.gates import (
     EPSILON_MIN,
@@ -30,21 +35,25 @@ from lightning_gradflow.gates import (
     GateVerdict,
     capture_call,
     find_gated_modules,
-    gate_histograms,
     gate_observations,
-    gate_scalars,
-    healthy_bias,
     measure_gates,
     repair_gate_units_,
     reset_optimizer_rows_,
-    row_scales,
 )
 from lightning_gradflow.interventions import InterventionLog
+from lightning_gradflow.reports.gates import (
+    GateReport,
+    gate_metrics,
+    no_gates_message,
+    undone_message,
+    undone_reason,
+    unit_mismatch_message,
+    unreadable_message,
+)
+from lightning_gradflow.schedule import ProbeSchedule
 from lightning_gradflow.stats import HistogramSpec
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -52,6 +61,9 @@ if TYPE_CHECKING:
     from lightning_gradflow.interventions import Intervention
 
 _ACTIVATION_BINS = 20
+#: The adaptive schedule's dense windows: a probe every 5 steps for the first 50 steps and the 50 after a finding or
+#: a surgery, so that saturation present from initialisation is diagnosed at step 10 with the default patience of 3.
+_DENSE_EVERY, _DENSE_STEPS = 5, 50
 #: Pre-activation histograms: |z| from 2**-10 to 2**7 (a saturated sigmoid needs |z| > 4.6), two buckets per octave.
 _PREACT_SPEC = HistogramSpec(min_exp=-10, max_exp=7, bins_per_octave=2)
 
@@ -71,10 +83,10 @@ class GateSurgeryCallback(HealthCallback):
     r"""Watches the gates of every LSTM and GRU for saturation and, with ``auto_intervene=True``, repairs them.
 
     A saturated gate (σ pinned near 0 or 1) has a derivative near 0: neither information nor gradient passes it,
-    and training stalls without an error. Every ``every_n_steps`` optimizer steps (see :meth:`should_compute`) the
-    callback captures, with forward hooks that exist only during that step, the first ``probe_size`` sequences of
-    each gated module's input, initial state and output in the real training batch, recomputes every gate's
-    pre-activations for all time steps from them with batched matrix products, and measures per module, layer,
+    and training stalls without an error. On each probe step (see **Schedule**) the callback captures, with forward
+    hooks that exist only during that step, the first ``probe_size`` sequences of each gated module's input, initial
+    state and output in the real training batch, recomputes every gate's pre-activations for all time steps from them
+    with batched matrix products, and measures per module, layer,
     direction and gate (definitions, the choice of ε and the recomputation: :mod:`lightning_gradflow.gates`):
 
     * ``gates/saturation/<module>/<layer>/<gate>``: the fraction of activations with σ < ε or σ > 1 − ε
@@ -85,6 +97,13 @@ class GateSurgeryCallback(HealthCallback):
     * ``gates/sigma_prime/...``: the mean σ′ (tanh′ for the cell/new gates), the gradient the gate lets through;
     * ``gates/surgeries``: surgeries in effect (made, and not undone by a rollback).
 
+    **Schedule** (:attr:`schedule`, a :class:`~lightning_gradflow.schedule.ProbeSchedule`): saturation is most often
+    there from initialisation, so the callback probes every 5 steps during the first 50 optimizer steps and during
+    the 50 steps after a finding (a gate flagged) or a surgery, and otherwise at intervals that double after each
+    probe up to ``every_n_steps``. With the default patience of 3 a gate saturated from step 0 is diagnosed, and
+    repaired, at step 10. ``adaptive_schedule=False`` (or ``every_n_steps`` ≤ 5) gives the fixed schedule
+    ``step % every_n_steps == 0``.
+
     ``<layer>`` is ``l0``, ``l0_reverse``, ``l1``, … as in PyTorch's parameter names; gates are ``input``,
     ``forget``, ``cell``, ``output`` (LSTM), ``reset``, ``update``, ``new`` (GRU) and ``gate`` (``extra_gates``).
     TensorBoard (rank zero): a custom-scalars category ``gates``, histograms of the activations
@@ -92,17 +111,22 @@ class GateSurgeryCallback(HealthCallback):
     (``gates/preact_hist/...``, log-spaced \|z\| buckets of the statistics engine), interventions as text.
     Steps without a probe cost nothing: no hooks are registered then. A probe step makes one all-reduce and one
     host transfer (two of each on a step with a surgery); on CPU it costs about one training step of the example's
-    character LSTM with histograms, half of that without (``benchmarks/gates.py``), so 1 % at the default schedule.
+    character LSTM with histograms, half of that without (``benchmarks/gates.py``), so about 1 % at
+    ``every_n_steps=100`` (the first 50 steps probe every 5).
     A logger or TensorBoard writer that raises is warned about once and training goes on.
 
     **Surgery** (``auto_intervene=True``): when a gate's saturation stays above ``saturation_threshold`` with at
-    least one saturated unit for ``patience`` consecutive probes, its saturated units get their biases reset
-    (``b_ih + b_hh``: 0, or ``forget_bias`` for the LSTM forget and GRU update gates), their rows of ``W_ih`` and
-    ``W_hh`` scaled down so their pre-activations spread at most ``target_std`` (RMS) about the new bias, and the
-    optimizer state of those rows reset (Adam's moments, momentum buffers), in ``on_train_batch_end`` after the
-    optimizer step. The probe then runs again on the same captured input, and each repaired gate becomes an
-    :class:`Intervention` with its saturation before and after. A repaired gate is not touched again for
-    ``cooldown`` steps, and with ``max_surgeries`` surgeries in effect the callback only reports. Without
+    least one saturated unit for ``patience`` consecutive probes, it is repaired together with every other gate
+    flagged on the same probe, of any layer and module (one finding, one decision: a deeper layer saturated because
+    its input is shut is part of the same fault). A gate healthy on the fit's first probe that saturates later must
+    moreover stay flagged over ``(patience - 1) * every_n_steps`` steps, the time ``patience`` probes take on the
+    sparse schedule: the cell and input gates of healthy character LSTMs saturate for a while early in training. Their
+    saturated units get their biases reset (``b_ih + b_hh``: 0, or ``forget_bias`` for the LSTM forget and GRU update
+    gates), their rows of ``W_ih`` and ``W_hh`` scaled down so their pre-activations spread at most ``target_std`` (RMS)
+    about the new bias, and the optimizer state of those rows reset (Adam's moments, momentum buffers), in
+    ``on_train_batch_end`` after the optimizer step. The probe then runs again on the same captured input, and each
+    repaired gate becomes an :class:`Intervention` with its saturation before and after. A repaired gate is not touched
+    again for ``cooldown`` steps, and with ``max_surgeries`` surgeries in effect the callback only reports. Without
     ``auto_intervene`` it warns once per finding and records what it would do (``applied=False``); the run is left
     bitwise unchanged. The decision rule is :class:`~lightning_gradflow.gates.GateDiagnosis`.
 
@@ -124,7 +148,8 @@ class GateSurgeryCallback(HealthCallback):
     interventions of earlier fits stay in :attr:`interventions`).
 
     Args:
-        every_n_steps: optimizer steps between probes (step 0 is probed).
+        every_n_steps: the longest interval between probes, in optimizer steps (step 0 is probed); with
+            ``adaptive_schedule=False`` the fixed interval.
         probe_size: sequences (batch rows) of each gated module's input used by a probe.
         epsilon: saturation margin ε, in [1e-6, 0.5) (below 1e-6 the tanh margin ``atanh(1 − ε)`` is no longer a
             usable number).
@@ -147,6 +172,8 @@ class GateSurgeryCallback(HealthCallback):
         repair_gates: the gate names surgery may touch (default: all); e.g. leave out ``"forget"`` for tasks whose
             forget gates should stay saturated open to remember over long spans.
         histograms: write TensorBoard histograms of gate activations and pre-activations on probe steps.
+        adaptive_schedule: probe densely at the start and after a finding or a surgery, sparsely otherwise (see
+            above); False for a probe every ``every_n_steps`` steps.
 
     Raises:
         TypeError: for an argument of the wrong type.
@@ -186,6 +213,7 @@ class GateSurgeryCallback(HealthCallback):
         exclude: list[str] | None = None,
         repair_gates: list[str] | None = None,
         histograms: bool = True,
+        adaptive_schedule: bool = True,
     ) -> None:
         super().__init__()
         check_positive_int("every_n_steps", every_n_steps)
@@ -196,6 +224,7 @@ class GateSurgeryCallback(HealthCallback):
         check_positive_float("target_std", target_std)
         check_bool("auto_intervene", auto_intervene)
         check_bool("histograms", histograms)
+        check_bool("adaptive_schedule", adaptive_schedule)
         _check_fraction("epsilon", epsilon, low=EPSILON_MIN, high=0.5, closed_high=False, closed_low=True)
         _check_fraction("unit_threshold", unit_threshold, low=0.0, high=1.0, closed_high=True)
         _check_fraction(
@@ -228,13 +257,25 @@ class GateSurgeryCallback(HealthCallback):
         self.forget_bias = float(forget_bias)
         self.auto_intervene = auto_intervene
         self.histograms = histograms
+        self.adaptive_schedule = adaptive_schedule
+        self.schedule = self._new_schedule()
         self.diagnosis = GateDiagnosis(
-            self.saturation_threshold, patience, cooldown, max_surgeries, auto_intervene, self.repair_gates
+            self.saturation_threshold,
+            patience,
+            cooldown,
+            max_surgeries,
+            auto_intervene,
+            self.repair_gates,
+            late_span=(patience - 1) * every_n_steps,
         )
         self.last_stats: dict[str, GateStats] = {}  # the most recent probe's reduced statistics (host), per module
         self._gated: list[GatedModule] = []
         self._fit_start_state: dict[str, Any] | None = None
         self._reset_probe()
+
+    def _new_schedule(self) -> ProbeSchedule:
+        adaptive = self.adaptive_schedule and self.every_n_steps > _DENSE_EVERY
+        return ProbeSchedule(self.every_n_steps, _DENSE_EVERY, _DENSE_STEPS, adaptive=adaptive)
 
     def _reset_probe(self) -> None:
         self._captures: dict[str, list[GateCapture]] = {}
@@ -248,6 +289,11 @@ class GateSurgeryCallback(HealthCallback):
         """Gate surgeries in effect: made, and not undone by a rollback (what ``gates/surgeries`` logs)."""
         return self.diagnosis.surgeries
 
+    @property
+    def _texts(self) -> GateReport:
+        """The texts of this callback's warnings and records, from its current settings."""
+        return GateReport(self.unit_threshold, self.patience, self.target_std, self.forget_bias, self.max_surgeries)
+
     # ----------------------------------------------------------------------------------------------- lifecycle
 
     @property
@@ -256,12 +302,16 @@ class GateSurgeryCallback(HealthCallback):
         return self._generate_state_key(extra_gates=sorted(self.extra_gates.items()), exclude=sorted(self.exclude))
 
     def should_compute(self, step: int) -> bool:
-        """Whether optimizer step ``step`` runs a probe; override for another schedule (must agree on all ranks)."""
-        return is_probe_step(step, self.every_n_steps)
+        """Whether optimizer step ``step`` runs a probe (:attr:`schedule`); advances the adaptive schedule.
+
+        Override for another schedule (it must agree on all ranks).
+        """
+        return self.schedule.due(step)
 
     @override
     def _reset_fit_state(self) -> None:
         self.diagnosis.reset()
+        self.schedule.reset()
         self._warned.clear()
         self._reset_probe()
 
@@ -277,27 +327,12 @@ class GateSurgeryCallback(HealthCallback):
         # After `configure_model`, so modules created there are found too.
         self._gated = find_gated_modules(pl_module, self.extra_gates, self.exclude)
         if not self._gated:
-            self._warn_once(
-                "no_gates",
-                f"found no gated module (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell) in {type(pl_module).__name__}"
-                f"{' outside `exclude`' if self.exclude else ''}, so it does nothing. Name other sigmoid-gated modules"
-                " with `extra_gates={'path.to.module': 'sigmoid'}`, or remove the callback.",
-            )
+            self._warn_once("no_gates", no_gates_message(type(pl_module).__name__, bool(self.exclude)))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._gated:
-            return
-        charts: dict[str, Sequence[str]] = {
-            "saturation (fraction of activations)": [f"{self.family}/saturation/"],
-            "saturated units (fraction of units)": [f"{self.family}/saturated_units/"],
-            "mean activation": [f"{self.family}/mean/"],
-            "mean σ′ (gradient through the gate)": [f"{self.family}/sigma_prime/"],
-            "surgeries": [f"{self.family}/surgeries"],
-        }
-        for logger in tb.tensorboard_loggers(trainer):
-            write = partial(tb.add_layout_category, logger, self.family, charts)
-            self._tensorboard(trainer, "add_custom_scalars", write, trainer.global_step)
+        if self._gated:
+            write_layout(self, trainer, tb.GATES_CHARTS, trainer.global_step)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -332,21 +367,13 @@ class GateSurgeryCallback(HealthCallback):
         gated = self._gated[index]
         capture = capture_call(gated, args, kwargs, output, self.probe_size)
         if capture is None:
-            self._warn_once(
-                f"unreadable:{gated.name}",
-                f"the output of '{gated.name}' is not a floating-point tensor (nor a tuple starting with one), so its"
-                " gates cannot be read; it is skipped. Check its entry in `extra_gates`.",
-            )
+            self._warn_once(f"unreadable:{gated.name}", unreadable_message(gated.name))
             return
         if gated.family == "sigmoid":
             units = capture.output.shape[-1] if capture.output is not None else 0
             known = gated.units or self._seen_units.get(gated.name)
             if known is not None and units != known:
-                self._warn_once(
-                    f"units:{gated.name}",
-                    f"'{gated.name}' returned {units} units in one call and {known} in another; calls with other than"
-                    f" {known} units are skipped (its last dimension must hold the gate's units).",
-                )
+                self._warn_once(f"units:{gated.name}", unit_mismatch_message(gated.name, units, known))
                 return
             self._seen_units.setdefault(gated.name, units)
         self._captures.setdefault(gated.name, []).append(capture)
@@ -367,6 +394,8 @@ class GateSurgeryCallback(HealthCallback):
         probe = _Probe(step, *measured)
         decisions = self.diagnosis.update(step, gate_observations(self._gated, probe.stats, self.unit_threshold))
         probe.repairs = [d.observation for d in decisions if self._act_on(d, step)]
+        if probe.repairs or any(d.verdict is GateVerdict.FLAGGED for d in decisions):
+            self.schedule.found(step)  # a finding on its way to a diagnosis, or a surgery: probe densely again
         self._pending = probe
 
     def _resolve_units(self, trainer: pl.Trainer) -> None:
@@ -398,8 +427,8 @@ class GateSurgeryCallback(HealthCallback):
                 activation_bins=_ACTIVATION_BINS if histograms else 0,
                 preact_spec=_PREACT_SPEC if histograms else None,
             )
-        parts = {f"{i}:{name}": t for name, m in measured.items() for i, t in enumerate(m.tensors())}
-        host = _reduce_to_host(trainer, parts)
+        parts = {f"{i}:{name}": t.double() for name, m in measured.items() for i, t in enumerate(m.tensors())}
+        host = to_host(parts, reduce=partial(trainer.strategy.reduce, reduce_op="sum"))  # one all-reduce, one copy
         stats = {name: GateStats(host[f"0:{name}"]) for name in measured}
         activation = {name: host[f"1:{name}"] for name in measured if f"1:{name}" in host}
         preact = {name: host[f"2:{name}"] for name in measured if f"2:{name}" in host}
@@ -407,55 +436,11 @@ class GateSurgeryCallback(HealthCallback):
 
     def _act_on(self, decision: GateDecision, step: int) -> bool:
         """Warns (once per finding) and records what the verdict says; returns whether to repair the gate."""
-        obs, verdict = decision.observation, decision.verdict
-        if verdict is GateVerdict.REPORT_ONLY:
-            why = "its module has no rows to repair" if not obs.repairable else "its gate is not in `repair_gates`"
-            self._warn_once(f"found:{obs.key}", self._finding(obs, step) + f" It is only reported: {why}.")
-        elif verdict is GateVerdict.MONITOR:
-            plan = self._plan(obs)
-            if self._warn_once(
-                f"found:{obs.key}", self._finding(obs, step) + f" With `auto_intervene=True` it would {plan}."
-            ):
-                self._record(step, obs, math.nan, plan, applied=False)
-        elif verdict is GateVerdict.BUDGET:
-            self._warn_once(
-                "max_surgeries",
-                self._finding(obs, step) + f" `max_surgeries={self.max_surgeries}` surgeries are in effect, so it now"
-                " only reports; raise `max_surgeries`, or look for the cause (learning rate, initialisation).",
-            )
-        elif verdict is GateVerdict.GIVEN_UP:
-            self._warn_once(
-                f"given_up:{obs.key}",
-                self._finding(obs, step) + f" Rollbacks undid its surgery {self.diagnosis.undone[obs.key]} times, so"
-                " the surgery may be what destabilises the run: it is only reported from now on. Exclude the gate"
-                " with `repair_gates`, or lower the learning rate.",
-            )
-        return verdict is GateVerdict.REPAIR
-
-    def _finding(self, obs: GateObservation, step: int) -> str:
-        return (
-            f"gate '{obs.key}' is saturated at step {step}: {obs.saturation:.1%} of its activations, and"
-            f" {len(obs.units)} of {self._gated[obs.module].units} units on ≥{self.unit_threshold:.0%} of the probe"
-            f" positions, for {self.patience} probe(s) in a row."
-        )
-
-    def _plan(self, obs: GateObservation) -> str:
-        bias = healthy_bias(obs.gate, self.forget_bias)
-        which = "bias" if self._gated[obs.module].family == "sigmoid" else "bias (b_ih + b_hh)"
-        return (
-            f"set the {which} of {len(obs.units)} unit(s) to {bias:g}, {self._scaling(obs)} and reset their optimizer"
-            " state"
-        )
-
-    def _scaling(self, obs: GateObservation, done: bool = False) -> str:
-        rows = "weight" if self._gated[obs.module].family == "sigmoid" else "W_ih/W_hh"
-        scales = row_scales(torch.tensor(obs.weight_rms), self.target_std)
-        low, high = float(scales.min()), float(scales.max())
-        if low == 1.0:
-            return f"{'kept' if done else 'keep their'} {rows} rows (weight RMS already ≤ {self.target_std:g})"
-        factor = f"{low:.3g}" if math.isclose(low, high, rel_tol=1e-3) else f"{low:.3g}-{high:.3g}"
-        verb = f"{rows} rows scaled" if done else f"scale their {rows} rows"
-        return f"{verb} by {factor} (weight RMS ≤ {self.target_std:g})"
+        obs, gated = decision.observation, self._gated[decision.observation.module]
+        warning = self._texts.warning(decision, gated, step, self.diagnosis.undone)
+        if warning is not None and self._warn_once(*warning) and decision.verdict is GateVerdict.MONITOR:
+            self._record(step, obs, math.nan, self._texts.plan(obs, gated), applied=False)
+        return decision.verdict is GateVerdict.REPAIR
 
     # ------------------------------------------------------------------------------------------------- surgery
 
@@ -487,24 +472,17 @@ class GateSurgeryCallback(HealthCallback):
             )
             entries.update(reset_optimizer_rows_(trainer.optimizers, touched))
         after, _, _ = self._measure(trainer, pl_module.device, use_captured_output=False, histograms=False)
-        reset = f"optimizer state reset: {', '.join(sorted(entries))}" if entries else "no optimizer state yet"
+        texts = self._texts
         for obs in probe.repairs:
             gated = self._gated[obs.module]
             saturation_after = float(after[gated.name].saturation[obs.row, gated.gates.index(obs.gate)])
-            how = f"bias set to {healthy_bias(obs.gate, self.forget_bias):g}, {self._scaling(obs, done=True)}, {reset}"
+            how = texts.done(obs, gated, entries)
             self._record(probe.step, obs, saturation_after, how, applied=True)
-            self._warn_once(
-                f"found:{obs.key}",
-                self._finding(obs, probe.step) + f" Surgery on those units ({how}): saturation"
-                f" {obs.saturation:.1%} → {saturation_after:.1%} on the probe.",
-            )
+            self._warn_once(f"found:{obs.key}", texts.repaired(obs, gated, probe.step, how, saturation_after))
             self.diagnosis.repaired(probe.step, obs.key)
 
     def _record(self, step: int, obs: GateObservation, after: float, how: str, applied: bool) -> None:
-        reason = (
-            f"{len(obs.units)}/{self._gated[obs.module].units} units saturated on ≥{self.unit_threshold:.0%} of probe"
-            f" positions for {self.patience} probe(s); {how}"
-        )
+        reason = self._texts.reason(obs, self._gated[obs.module], how)
         self._log.add(step, "gate_surgery", obs.key, reason, obs.saturation, after, applied=applied)
 
     # ----------------------------------------------------------------------------------------------- rollbacks
@@ -523,23 +501,13 @@ class GateSurgeryCallback(HealthCallback):
         to_step = event.data.get("to_step", "?")
         for step, key in undone:
             surgery = self._surgery_record(step, key)
-            self._log.add(
-                event.step,
-                "gate_surgery_undone",
-                key,
-                f"the surgery of step {step} was undone by {event.source}'s {event.kind} to step {to_step}; the gate is"
-                " repaired again if it is diagnosed again",
-                surgery.after if surgery is not None else math.nan,
-                math.nan,
-            )
+            reason = undone_reason(step, event.source, event.kind, to_step)
+            before = surgery.after if surgery is not None else math.nan
+            self._log.add(event.step, "gate_surgery_undone", key, reason, before, math.nan)
+        self.schedule.found(event.step)  # the restored weights may be saturated again: probe densely
         if undone:
-            self._warn_once(
-                "undone",
-                f"{event.source}'s {event.kind} at step {event.step} (to step {to_step}) undid {len(undone)} gate"
-                f" surger{'y' if len(undone) == 1 else 'ies'} ({', '.join(k for _, k in undone)}); `gates/surgeries`"
-                " counts it no more, and a gate is repaired again when it is diagnosed again (twice undone: only"
-                " reported).",
-            )
+            message = undone_message(event.source, event.kind, event.step, to_step, [k for _, k in undone])
+            self._warn_once("undone", message)
 
     def _surgery_record(self, step: int, key: str) -> Intervention | None:
         for record in reversed(self.interventions):
@@ -550,12 +518,7 @@ class GateSurgeryCallback(HealthCallback):
     # ------------------------------------------------------------------------------------------------ reporting
 
     def _report(self, trainer: pl.Trainer, probe: _Probe) -> None:
-        family = self.family
-        metrics: dict[str, float] = {f"{family}/surgeries": float(self.surgeries)}
-        for gated in self._gated:
-            if gated.name in probe.stats:
-                scalars = gate_scalars(gated, probe.stats[gated.name], self.unit_threshold)
-                metrics.update({f"{family}/{tag}": value for tag, value in scalars.items()})
+        metrics = gate_metrics(self._gated, probe.stats, self.unit_threshold, self.surgeries, self.family)
         self.last_stats = probe.stats
         self._log_metrics(trainer, metrics, probe.step)
         loggers = tb.tensorboard_loggers(trainer)
@@ -568,7 +531,7 @@ class GateSurgeryCallback(HealthCallback):
         for gated in self._gated:
             if gated.name in probe.activation_counts:
                 activation, preact = probe.activation_counts[gated.name], probe.preact_counts[gated.name]
-                for tag, raw in gate_histograms(gated, activation, preact, _PREACT_SPEC).items():
+                for tag, raw in tb.gate_histograms(gated, activation, preact, _PREACT_SPEC).items():
                     tb.add_histogram(logger, f"{self.family}/{tag}", raw, probe.step)
         if new:
             tb.add_interventions(logger, self.family, new, probe.step)
@@ -581,6 +544,7 @@ class GateSurgeryCallback(HealthCallback):
             **self.diagnosis.state_dict(),
             "interventions": self._log.state_dict(),
             "warned": sorted(self._warned),
+            "schedule": self.schedule.state_dict(),
         }
 
     @override
@@ -593,21 +557,16 @@ class GateSurgeryCallback(HealthCallback):
         diagnosis = dict(state)
         if "applied" not in diagnosis:  # written before rollbacks were tracked: the applied surgery records
             diagnosis["applied"] = [[r.step, r.target] for r in log.records if r.applied and r.kind == "gate_surgery"]
+        schedule = self._new_schedule()
+        if "schedule" in state:  # absent in checkpoints written before the adaptive schedule: it starts afresh
+            schedule.load_state_dict(state["schedule"])
         self.diagnosis.load_state_dict(diagnosis)  # validates everything before changing anything
+        self.schedule = schedule
         self._log = log
         self._warned = set(warned)
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-
-
-def _reduce_to_host(trainer: pl.Trainer, parts: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Sums ``parts`` across ranks in one all-reduce (packed in float64), then copies them to the host at once."""
-    if not parts:
-        return {}
-    flat = trainer.strategy.reduce(torch.cat([t.reshape(-1).double() for t in parts.values()]), reduce_op="sum")
-    sizes = [t.numel() for t in parts.values()]
-    return to_host({name: v.view(t.shape) for (name, t), v in zip(parts.items(), flat.split(sizes), strict=True)})
 
 
 def _check_fraction(

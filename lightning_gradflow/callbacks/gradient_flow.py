@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,6 +20,8 @@ from lightning_gradflow.callbacks._common import (
     log_interval,
     refuse_sharded_strategy,
     unscaled_for_optimizer,
+    write_interventions,
+    write_layout,
 )
 from lightning_gradflow.channel import Event
 from lightning_gradflow.checks import check_bool, check_choice
@@ -29,6 +30,8 @@ from lightning_gradflow.clipping import (
     AutoClipConfig,
     ClipMode,
     PercentileClipper,
+    TrendClipConfig,
+    TrendClipper,
     ZClipConfig,
     ZScoreClipper,
     agc_clip_,
@@ -46,57 +49,33 @@ from lightning_gradflow.flow import (
     flow_ratios,
     parameter_layers,
 )
+from lightning_gradflow.reports.flow import (
+    FAMILY,
+    NO_LOGGER_MESSAGE,
+    FlowStep,
+    clip_record,
+    flow_findings,
+    flow_layer_metrics,
+    flow_step_metrics,
+    nonfinite_message,
+    present_layers,
+    would_clip_reason,
+)
 from lightning_gradflow.stats import (
     HistogramSpec,
     Stat,
-    TensorHistograms,
     TensorStats,
     UpdateStats,
     l1_norms,
     make_snapshot,
     tensor_histograms,
     tensor_stats,
-    tensorboard_histogram,
     update_stats,
 )
 from lightning_gradflow.stats._common import BACKENDS, Backend
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     import lightning.pytorch as pl
-
-FAMILY = "gradflow"
-_VANISHING_FIX = (
-    "residual connections, normalisation layers (LayerNorm/BatchNorm), ReLU-family activations instead of"
-    " sigmoid/tanh, or a variance-preserving initialisation (Kaiming/orthogonal)"
-)
-_EXPLODING_FIX = (
-    "gradient clipping (GradientFlowCallback(auto_intervene=True) clips adaptively), a lower learning rate,"
-    " normalisation layers, or smaller recurrent/initial weights"
-)
-
-
-@dataclass
-class _Step:
-    """What one optimizer step left on the device for the logging step (no host copies yet)."""
-
-    step: int
-    log: bool
-    histogram: bool
-    figure: bool
-    params: list[Tensor]
-    layer_stats: TensorStats
-    total_norm: Tensor
-    threshold: Tensor | None = None
-    coef: Tensor | None = None
-    histograms: TensorHistograms | None = None
-    abs_sums: Tensor | None = None
-    skipped: bool = False
-    snapshotted: bool = False
-    tensor_zeros: Tensor | None = None  # per-gradient zero counts of a reporting step
-    # the logging window closed at this step (see LogWindow.close): counts, first non-finite step, steps
-    window: tuple[Tensor, Tensor, int] | None = None
 
 
 class GradientFlowCallback(HealthCallback):
@@ -126,8 +105,11 @@ class GradientFlowCallback(HealthCallback):
     * a step whose gradients hold NaN/Inf never reaches the weights: the gradients are dropped (``grad = None``) so
       the optimizer skips every parameter and Adam-type moments stay clean — unless a GradScaler already skips it.
       This reads one number back to the host per step;
-    * adaptive clipping of the global norm: ``"zscore"`` (ZClip), ``"percentile"`` (AutoClip), ``"norm"`` (fixed
-      ``clip_value``), or unit-wise ``"agc"`` (NFNets; the output layer is left unclipped as Brock et al. advise).
+    * adaptive clipping of the global norm: ``"trend"`` (the default: isolated spikes against a level-plus-slope
+      forecast of the log-norm, which leaves the healthy rise of norms in early training alone, see
+      :class:`~lightning_gradflow.clipping.TrendClipper`), ``"zscore"`` (ZClip's exact rule, which also clips
+      that healthy rise), ``"percentile"`` (AutoClip), ``"norm"`` (fixed ``clip_value``), or unit-wise ``"agc"``
+      (NFNets; the output layer is left unclipped as Brock et al. advise).
       Clipping runs on the device without synchronising and coexists with ``Trainer(gradient_clip_val=...)``, which
       clips afterwards: the tighter threshold wins. Clips are recorded as one :class:`Intervention` per logging
       interval (how many steps were clipped, the largest norm and what it was clipped to).
@@ -163,10 +145,13 @@ class GradientFlowCallback(HealthCallback):
         patience: optimizer steps a condition must hold before it is diagnosed, at most 2**24
             (:data:`~lightning_gradflow.flow.MAX_PATIENCE`).
         auto_intervene: clip gradients and skip non-finite steps; otherwise only observe and warn.
-        clip_mode: ``"zscore"``, ``"percentile"``, ``"agc"`` or ``"norm"``.
-        clip_value: the fixed threshold for ``"norm"``; an optional hard cap on the threshold for ``"zscore"``
-            and ``"percentile"`` (worth setting when a run may diverge in its very first steps: those modes
+        clip_mode: ``"trend"`` (default), ``"zscore"``, ``"percentile"``, ``"agc"`` or ``"norm"``.
+        clip_value: the fixed threshold for ``"norm"``; an optional hard cap on the threshold for ``"trend"``,
+            ``"zscore"`` and ``"percentile"`` (worth setting when a run may diverge in its very first steps: those modes
             judge each norm against the run's own history); not used by ``"agc"``. Any finite value > 0.
+        trend_threshold: the trend rule's threshold, in mean absolute forecast errors of the log-norm (see
+            :class:`~lightning_gradflow.clipping.TrendClipConfig`); any finite value > 0.
+        trend_min_ratio: the trend rule never clips a norm below this multiple of its forecast; finite, > 1.
         z_threshold: ZClip's z-score threshold (see :class:`~lightning_gradflow.clipping.ZClipConfig`).
         ema_alpha: ZClip's EMA decay, in (0, 1).
         warmup_steps: ZClip's warm-up (steps observed before clipping starts), at most 100 000
@@ -206,8 +191,10 @@ class GradientFlowCallback(HealthCallback):
         max_grad_rms: float = FlowRule.max_grad_rms,
         patience: int = FlowRule.patience,
         auto_intervene: bool = False,
-        clip_mode: ClipMode = "zscore",
+        clip_mode: ClipMode = "trend",
         clip_value: float | None = None,
+        trend_threshold: float = TrendClipConfig.trend_threshold,
+        trend_min_ratio: float = TrendClipConfig.trend_min_ratio,
         z_threshold: float = ZClipConfig.z_threshold,
         ema_alpha: float = ZClipConfig.ema_alpha,
         warmup_steps: int = ZClipConfig.warmup_steps,
@@ -233,6 +220,7 @@ class GradientFlowCallback(HealthCallback):
             check_bool(name, flag)
         # each of these is declared and validated once, in the pure layer
         self.rule = FlowRule(vanishing_ratio, exploding_ratio, min_grad_rms, max_grad_rms, patience)
+        self.trendclip = TrendClipConfig(trend_threshold, trend_min_ratio)
         self.zclip = ZClipConfig(z_threshold, ema_alpha, warmup_steps)
         self.autoclip = AutoClipConfig(percentile, percentile_window)
         self.clip_value = max_norm_threshold(clip_value, "clip_value")
@@ -260,7 +248,10 @@ class GradientFlowCallback(HealthCallback):
         self._writes_tensorboard = True
         self._reset_fit_state()
 
-    def _new_clipper(self) -> ZScoreClipper | PercentileClipper | None:
+    def _new_clipper(self) -> TrendClipper | ZScoreClipper | PercentileClipper | None:
+        if self.clip_mode == "trend":
+            t = self.trendclip
+            return TrendClipper(t.trend_threshold, t.trend_min_ratio, max_norm=self.clip_value)
         if self.clip_mode == "zscore":
             z = self.zclip
             return ZScoreClipper(z.z_threshold, z.ema_alpha, z.warmup_steps, max_norm=self.clip_value)
@@ -282,9 +273,9 @@ class GradientFlowCallback(HealthCallback):
         self._layer_of: dict[int, str] = {}  # id(param) -> layer
         self._ready: list[str] = []
         self._row_cache: dict[tuple[int, ...], Tensor] = {}
-        self._last: _Step | None = None  # the latest step, for the report of an unfinished window at the end
+        self._last: FlowStep | None = None  # the latest step, for the report of an unfinished window at the end
         self._measured: tuple[int, Tensor] | None = None  # (step, global norm, NaN if non-finite)
-        self._pending: list[_Step] = []
+        self._pending: list[FlowStep] = []
         self._snapshots: dict[int, Tensor] = {}
 
     # ----------------------------------------------------------------------------------------------- lifecycle
@@ -313,11 +304,7 @@ class GradientFlowCallback(HealthCallback):
         super().setup(trainer, pl_module, stage)
         refuse_sharded_strategy(trainer, self.name)
         if stage == "fit" and not trainer.loggers:
-            self._warn_once(
-                "no_logger",
-                "no logger to write to: diagnoses, warnings and interventions still work, but attach a logger"
-                " (e.g. `Trainer(logger=TensorBoardLogger('runs'))`) to see the per-layer statistics.",
-            )
+            self._warn_once("no_logger", NO_LOGGER_MESSAGE)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -339,24 +326,8 @@ class GradientFlowCallback(HealthCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # histograms and figures only go to TensorBoard (on rank zero): without one, they are not computed
-        loggers = tb.tensorboard_loggers(trainer)
-        self._writes_tensorboard = bool(loggers)
-        layout: dict[str, Sequence[str]] = {
-            "gradient norm per layer": [f"{FAMILY}/grad_norm/"],
-            "gradient RMS per layer": [f"{FAMILY}/grad_rms/"],
-            "update/weight ratio per layer": [f"{FAMILY}/update_ratio/"],
-            "flow ratio per layer (RMS here / RMS of the next layer)": [f"{FAMILY}/flow_ratio/"],
-            "global gradient norm and clipping": [f"{FAMILY}/grad_norm_total", f"{FAMILY}/clip_threshold"],
-            "diagnosis": [
-                f"{FAMILY}/vanishing_layers",
-                f"{FAMILY}/exploding_layers",
-                f"{FAMILY}/nonfinite_grads",
-                f"{FAMILY}/overflow_steps",
-            ],
-        }
-        for logger in loggers:
-            write = partial(tb.add_layout_category, logger, FAMILY, layout)
-            self._tensorboard(trainer, "add_custom_scalars", write, trainer.global_step)
+        self._writes_tensorboard = bool(tb.tensorboard_loggers(trainer))
+        write_layout(self, trainer, tb.GRADFLOW_CHARTS, trainer.global_step)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -435,7 +406,7 @@ class GradientFlowCallback(HealthCallback):
         self._measured = (step, global_norm_or_nan(stats))
         self.channel(trainer).publish(step, "grad_norm", self._measured[1])  # before any clipping
         rows = self._rows(params, device)
-        pending = _Step(
+        pending = FlowStep(
             step=step,
             log=log,
             histogram=histogram,
@@ -471,7 +442,7 @@ class GradientFlowCallback(HealthCallback):
             if self.clipper is not None:
                 self.clipper.to(device)
 
-    def _intervene(self, pending: _Step, grads: list[Tensor], nonfinite: Tensor, scaler_skips: bool) -> None:
+    def _intervene(self, pending: FlowStep, grads: list[Tensor], nonfinite: Tensor, scaler_skips: bool) -> None:
         if self.skip_nonfinite and not scaler_skips:
             bad = int(nonfinite.item())  # the one host read per step that skipping needs
             if bad:
@@ -547,154 +518,80 @@ class GradientFlowCallback(HealthCallback):
 
     # ------------------------------------------------------------------------------------------------ reporting
 
-    def _report(self, trainer: pl.Trainer, item: _Step) -> None:
-        device = item.total_norm.device
-        num_layers = len(self.layers)
-        rows = self._rows(item.params, device)
-        parts: dict[str, Tensor] = {"layers": item.layer_stats.table}
-        if item.snapshotted:
-            updates = update_stats(item.params, [self._snapshots[id(p)] for p in item.params], backend=self.backend)
-            parts["updates"] = updates.reduce_rows(rows, num_layers).table
-        else:
-            weights = tensor_stats([p.detach() for p in item.params], backend=self.backend)
-            parts["weights"] = weights.reduce_rows(rows, num_layers).table
-        if self.monitor.streaks is not None:
-            parts["streaks"] = self.monitor.streaks
+    def _report(self, trainer: pl.Trainer, item: FlowStep) -> None:
         window = item.window
         if item.log and window is None:  # the unfinished window reported at the end of training
             window = self.window.close()
-        if window is not None:
-            parts["window"], parts["first_nonfinite"] = window[0], window[1]
-        parts["scalars"] = torch.stack(
-            [
-                item.total_norm.float().reshape(()),
-                torch.zeros((), device=device) if item.threshold is None else item.threshold.float().reshape(()),
-                torch.ones((), device=device) if item.coef is None else item.coef.float().reshape(()),
-            ]
-        )
-        if item.histograms is not None:
-            parts["histograms"] = item.histograms.counts
-        if item.tensor_zeros is not None:
-            parts["tensor_zeros"] = item.tensor_zeros
-        if item.abs_sums is not None:
-            parts["abs_sums"] = item.abs_sums
-        host = to_host(parts)  # the one device-to-host transfer of this logging step
+        host = to_host(self._device_parts(item, window))  # the one device-to-host transfer of this logging step
         if "tensor_zeros" in host:
             self._has_zeros = {
                 id(p): bool(z > 0) for p, z in zip(item.params, host["tensor_zeros"].tolist(), strict=True)
             }
-        layer_stats = TensorStats(host["layers"])
-        present = [i for i in range(num_layers) if float(layer_stats.numel[i]) > 0]
-        streaks = host.get("streaks", torch.zeros(2, num_layers))
-        vanishing, exploding = self.monitor.diagnosed(streaks, present)
-        self._warn_new(item.step, vanishing, exploding, layer_stats)
+        grads = TensorStats(host["layers"])
+        present = present_layers(grads)
+        vanishing, exploding = self.monitor.diagnosed(host.get("streaks", torch.zeros(2, len(grads))), present)
+        for finding in flow_findings(self.layers, grads, vanishing, exploding, item.step, self.rule.patience):
+            new = self._warn_once(finding.key, finding.message)
+            if new and finding.kind == "exploding" and not self.auto_intervene:
+                reason = would_clip_reason(self.clip_mode)
+                self._log.add(item.step, "clip", finding.layer, reason, finding.rms, math.nan, applied=False)
         if item.log and window is not None:  # histogram- or figure-only steps leave the logging window open
             counts = host["window"].tolist()
             self._record_window(item.step, counts, int(host["first_nonfinite"]), window[2])
-            metrics = self._metrics(host, layer_stats, present, counts, len(vanishing), len(exploding))
+            metrics = self._metrics(host, grads, present, counts, (len(vanishing), len(exploding)))
             self._log_metrics(trainer, metrics, item.step)
-        self._write_tensorboard(trainer, item, host, layer_stats, present, set(vanishing), set(exploding))
+        self._write_tensorboard(trainer, item, host, grads, present, set(vanishing), set(exploding))
+
+    def _device_parts(self, item: FlowStep, window: tuple[Tensor, Tensor, int] | None) -> dict[str, Tensor]:
+        """What the report of ``item`` reads, still on the device, by name (for one :func:`to_host`)."""
+        rows = self._rows(item.params, item.total_norm.device)
+        if item.snapshotted:
+            updates = update_stats(item.params, [self._snapshots[id(p)] for p in item.params], backend=self.backend)
+            weights = ("updates", updates.reduce_rows(rows, len(self.layers)).table)
+        else:
+            stats = tensor_stats([p.detach() for p in item.params], backend=self.backend)
+            weights = ("weights", stats.reduce_rows(rows, len(self.layers)).table)
+        return item.device_parts(weights, self.monitor.streaks, window)
 
     def _metrics(
         self,
         host: dict[str, Tensor],
-        layer_stats: TensorStats,
+        grads: TensorStats,
         present: list[int],
         window: list[float],
-        num_vanishing: int,
-        num_exploding: int,
+        found: tuple[int, int],
     ) -> dict[str, float]:
-        total_norm, threshold, coef = host["scalars"].tolist()
-        metrics = {
-            f"{FAMILY}/grad_norm_total": total_norm,
-            f"{FAMILY}/vanishing_layers": float(num_vanishing),
-            f"{FAMILY}/exploding_layers": float(num_exploding),
-            f"{FAMILY}/nonfinite_grads": window[LogWindow.NONFINITE],
-            f"{FAMILY}/overflow_steps": window[LogWindow.OVERFLOW],
-            f"{FAMILY}/skipped_steps": float(self.skipped_steps),
-            f"{FAMILY}/interventions": float(len(self.interventions)),
-        }
-        if self.auto_intervene and self.clip_mode != "agc":
-            metrics[f"{FAMILY}/clip_threshold"] = threshold
-            metrics[f"{FAMILY}/clip_coef"] = coef
-        elif self.auto_intervene:
-            metrics[f"{FAMILY}/clip_coef"] = coef  # the fraction of units left unclipped
-        norm, rms, absmax = layer_stats.norm, layer_stats.rms, layer_stats.absmax
-        zero_fraction = layer_stats.zero_fraction
+        clip_mode = self.clip_mode if self.auto_intervene else None
+        counts = (*found, self.skipped_steps, len(self.interventions), clip_mode)
+        metrics = flow_step_metrics(host["scalars"].tolist(), window, *counts)
         if "updates" in host:
             updates = UpdateStats(host["updates"])
             weight_norm, ratio = updates.param_norm, updates.ratio
         else:
             weight_norm, ratio = TensorStats(host["weights"]).norm, None
-        rms_active = active_rms(layer_stats)[present].double()
+        rms_active = active_rms(grads)[present].double()
         flow = flow_ratios(rms_active) if present else torch.zeros(0)
-        for k, i in enumerate(present):
-            layer = self.layers[i]
-            metrics[f"{FAMILY}/grad_norm/{layer}"] = float(norm[i])
-            metrics[f"{FAMILY}/grad_rms/{layer}"] = float(rms[i])
-            if math.isfinite(float(absmax[i])):  # a final partial window may come from a norms-only step
-                metrics[f"{FAMILY}/grad_absmax/{layer}"] = float(absmax[i])
-            metrics[f"{FAMILY}/zero_fraction/{layer}"] = float(zero_fraction[i])
-            metrics[f"{FAMILY}/weight_norm/{layer}"] = float(weight_norm[i])
-            metrics[f"{FAMILY}/flow_ratio/{layer}"] = float(flow[k])
-            if ratio is not None:
-                metrics[f"{FAMILY}/update_ratio/{layer}"] = float(ratio[i])
+        metrics.update(flow_layer_metrics(self.layers, grads, present, weight_norm, ratio, flow))
         if present:
             metrics[f"{FAMILY}/flow_ratio_end_to_end"] = float(end_to_end_ratio(rms_active))
         return metrics
 
-    def _warn_new(self, step: int, vanishing: list[int], exploding: list[int], layer_stats: TensorStats) -> None:
-        if not vanishing and not exploding:
-            return
-        rms = active_rms(layer_stats)
-        last = max(i for i in range(len(self.layers)) if float(layer_stats.numel[i]) > 0)
-        output = float(rms[last])
-        for kind, found, fix in [("vanishing", vanishing, _VANISHING_FIX), ("exploding", exploding, _EXPLODING_FIX)]:
-            for i in found:
-                layer = self.layers[i]
-                value = float(rms[i])
-                bad = int(layer_stats.nonfinite[i])
-                if bad:
-                    measured = f"{bad} non-finite gradient values"
-                else:
-                    relative = f", {value / output:.2g}× the output layer's" if output > 0 and i != last else ""
-                    measured = f"active gradient RMS {value:.3g}{relative}"
-                message = (
-                    f"{kind} gradients in layer '{layer}' at step {step}: {measured}, for {self.rule.patience}+"
-                    f" consecutive steps. Suggested fix: {fix}."
-                )
-                if self._warn_once(f"{kind}:{layer}", message) and kind == "exploding" and not self.auto_intervene:
-                    reason = f"exploding gradients; would clip with clip_mode={self.clip_mode!r}"
-                    self._log.add(step, "clip", layer, reason, value, math.nan, applied=False)
-
     def _record_window(self, step: int, window: list[float], first_nonfinite: int, steps: int) -> None:
         nonfinite, overflow, clipped, worst_before, worst_after = window
         if clipped > 0:
-            if self.clip_mode == "agc":
-                reason = f"AGC clipped units on {int(clipped)} of the last {steps} steps"
-                before, after = math.nan, math.nan
-            else:
-                reason = (
-                    f"{int(clipped)} of the last {steps} steps had a global gradient norm above the"
-                    f" {self.clip_mode} threshold; the largest is shown"
-                )
-                before, after = worst_before, worst_after
+            reason, before, after = clip_record(self.clip_mode, clipped, steps, worst_before, worst_after)
             self._log.add(step, "clip", "all", reason, before, after)
         if nonfinite > 0 and not self.auto_intervene and overflow == 0:
             at = first_nonfinite if first_nonfinite >= 0 else step
-            message = (
-                f"{int(nonfinite)} non-finite gradient values from step {at} (counted up to step {step}). With"
-                " `auto_intervene=True` such steps are skipped before they reach the weights."
-            )
-            if self._warn_once("nonfinite:all", message):
+            if self._warn_once("nonfinite:all", nonfinite_message(nonfinite, at, step)):
                 self._log.add(at, "skip_step", "all", "non-finite gradients", nonfinite, 0.0, applied=False)
 
     def _write_tensorboard(
         self,
         trainer: pl.Trainer,
-        item: _Step,
+        item: FlowStep,
         host: dict[str, Tensor],
-        layer_stats: TensorStats,
+        grads: TensorStats,
         present: list[int],
         vanishing: set[int],
         exploding: set[int],
@@ -702,29 +599,21 @@ class GradientFlowCallback(HealthCallback):
         loggers = tb.tensorboard_loggers(trainer)
         if not loggers:
             return
-        new = self._log.unreported()
         spec = item.histograms.spec if item.histograms is not None else HistogramSpec()
+        histograms = (
+            tb.layer_histograms(self.layers, present, host["histograms"], grads, spec) if "histograms" in host else {}
+        )
         for logger in loggers:
-            if "histograms" in host:
-                for i in present:
-                    raw = tensorboard_histogram(host["histograms"][i], spec, TensorStats(host["layers"][i : i + 1]))
-                    write = partial(tb.add_histogram, logger, f"{FAMILY}/grad_hist/{self.layers[i]}", raw, item.step)
-                    self._tensorboard(trainer, "add_histogram", write, item.step)
+            for tag, raw in histograms.items():
+                write = partial(tb.add_histogram, logger, f"{FAMILY}/{tag}", raw, item.step)
+                self._tensorboard(trainer, "add_histogram", write, item.step)
             if "abs_sums" in host and present:
-                numel = layer_stats.numel
-                figure = tb.gradient_flow_figure(
-                    [self.layers[i] for i in present],
-                    [float(host["abs_sums"][i] / max(float(numel[i]), 1.0)) for i in present],
-                    [float(layer_stats.absmax[i]) for i in present],
-                    [i in vanishing for i in present],
-                    [i in exploding for i in present],
-                    title=f"gradient flow at step {item.step}",
+                figure = tb.layer_flow_figure(
+                    self.layers, present, host["abs_sums"], grads, vanishing, exploding, item.step
                 )
                 write = partial(tb.add_figure, logger, f"{FAMILY}/flow", figure, item.step)
                 self._tensorboard(trainer, "add_figure", write, item.step)
-            if new:
-                write = partial(tb.add_interventions, logger, FAMILY, new, item.step)
-                self._tensorboard(trainer, "add_text", write, item.step)
+        write_interventions(self, trainer, item.step)
 
     # ----------------------------------------------------------------------------------------------------- state
 

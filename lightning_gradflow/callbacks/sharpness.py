@@ -23,8 +23,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_gradflow import tensorboard as tb
-from lightning_gradflow.callbacks._base import HealthCallback, is_probe_step, to_host
-from lightning_gradflow.callbacks._common import check_positive_int, refuse_sharded_strategy
+from lightning_gradflow.callbacks._base import HealthCallback, to_host
+from lightning_gradflow.callbacks._common import check_positive_int, refuse_sharded_strategy, write_layout
 from lightning_gradflow.checks import check_bool, check_choice, check_int
 from lightning_gradflow.curvature import (
     DEFAULT_INCREASE_BELOW,
@@ -35,7 +35,6 @@ from lightning_gradflow.curvature import (
     DEFAULT_SCALES,
     METRICS,
     ProbePlan,
-    SharpnessClass,
     StabilityController,
     StabilityDecision,
     StabilityRule,
@@ -46,6 +45,22 @@ from lightning_gradflow.curvature import (
     stability_rule,
 )
 from lightning_gradflow.interventions import InterventionLog, scale_learning_rate
+from lightning_gradflow.reports.sharpness import (
+    FAMILY,
+    NO_GRAPH_MESSAGE,
+    NO_PARAMETERS_MESSAGE,
+    at_floor_message,
+    half_precision_message,
+    manual_optimization_message,
+    not_a_loss_message,
+    probe_failed_message,
+    scaled_message,
+    sharpness_metrics,
+    stability_detail,
+    unknown_rule_message,
+    would_scale_message,
+)
+from lightning_gradflow.schedule import ProbeSchedule
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -54,30 +69,22 @@ if TYPE_CHECKING:
 
 __all__ = ["FAMILY", "MAX_SEED", "METRICS", "SharpnessCallback"]
 
-FAMILY = "sharpness"
 #: The largest ``seed``: the probe at step ``t`` seeds torch with ``seed + t``, which must stay below ``2**64``.
 MAX_SEED = 2**63 - 1
-_CLASS_INDEX = {label: float(i) for i, label in enumerate(SharpnessClass)}
-_LAYOUT: dict[str, Sequence[str]] = {
-    "edge of stability: sharpness vs threshold": [
-        f"{FAMILY}/lambda_max",
-        f"{FAMILY}/batch_sharpness",
-        f"{FAMILY}/preconditioned",
-        f"{FAMILY}/threshold",
-    ],
-    "stability ratio (measured / threshold)": [f"{FAMILY}/stability_ratio"],
-    "smallest eigenvalue": [f"{FAMILY}/lambda_min"],
-    "trace (± stderr)": [f"{FAMILY}/trace"],
-    "SAM sharpness": [f"{FAMILY}/sam"],
-    "random-perturbation sharpness": [f"{FAMILY}/random/", f"{FAMILY}/class"],
-    "learning-rate factor": [f"{FAMILY}/lr_factor", f"{FAMILY}/interventions"],
-}
+#: The adaptive schedule's dense windows: a probe every 10 steps for the first 50 optimizer steps and for the 50 after
+#: a learning-rate change (made or, without ``auto_intervene``, proposed), where instability shows first.
+_DENSE_EVERY, _DENSE_STEPS = 10, 50
+
+
+def _setting(name: str) -> Any:
+    """A read-only property for one of the controller's settings, under the constructor argument's name."""
+    return property(lambda self: getattr(self.controller, name), doc="See the constructor.")
 
 
 class SharpnessCallback(HealthCallback):
     r"""Measures the curvature of the training loss and keeps the learning rate below the edge of stability.
 
-    Every ``every_n_steps`` optimizer steps (see :meth:`should_compute`), right after the step (in
+    At the probe steps of :attr:`schedule` (see :meth:`should_compute`), right after the optimizer step (in
     ``on_train_batch_end``, where gradients are enabled; validation runs under inference mode), the callback evaluates
     the training loss on a **probe batch** — the current batch (``probe="batch"``; under gradient accumulation the last
     micro-batch of the step) or a fixed one (``probe="fixed"``: the first training batch, kept on the device, or one
@@ -96,6 +103,21 @@ class SharpnessCallback(HealthCallback):
 
     Every probe also logs ``sharpness/lr_factor`` (the cumulative learning-rate factor applied so far) and
     ``sharpness/interventions``. Definitions and accuracy: :mod:`lightning_gradflow.curvature`.
+
+    **Schedule** (:attr:`schedule`, a :class:`~lightning_gradflow.schedule.ProbeSchedule`): a learning rate too high
+    for the curvature shows in the first steps, and again after the learning rate changes, so the callback probes
+    every 10 steps during the first 50 optimizer steps and the 50 after a learning-rate change (made, or proposed
+    without ``auto_intervene``), and otherwise at intervals that double after each probe up to ``every_n_steps``
+    (steps 0, 10, 20, 30, 40, 50, 70, 110, 190, 350, 550, … with the default 200). ``adaptive_schedule=False`` (or
+    ``every_n_steps`` ≤ 10) gives the fixed schedule ``step % every_n_steps == 0``.
+
+    **Hessian-vector products** (``hvp="auto"``, the default): exact double-backward products, computed with
+    PyTorch's math attention kernel (the fused ``scaled_dot_product_attention`` kernels of ``nn.TransformerEncoder``,
+    ``nn.MultiheadAttention`` and Hugging Face SDPA attention have no double backward) and, on CUDA, cuDNN off. When
+    the model still has no double backward (``nn.EmbeddingBag(sparse=True)``, reentrant
+    ``torch.utils.checkpoint``, custom autograd functions), the first probe of the fit says so once and every probe
+    uses finite differences, which need only what ``loss.backward()`` needs and shrink their step where a ReLU kink
+    would bias them (:class:`~lightning_gradflow.curvature.HessianVectorProduct`).
 
     **Stability** (the edge of stability, Cohen et al. 2021 and 2022): which measured quantity is compared with
     which threshold, from the optimizer (:func:`~lightning_gradflow.curvature.stability_rule`) and
@@ -166,7 +188,9 @@ class SharpnessCallback(HealthCallback):
     before it is. Adam's preconditioned λ_max (``stability_ratio`` with Adam, full batch) always starts cold.
 
     **Cost** (``benchmarks/sharpness.py``, CPU, one thread, models of 2-4 M parameters): batch sharpness costs 3-4
-    training steps, so the defaults (batch sharpness and the stability ratio every 200 steps) cost about 2 %. A cold
+    training steps, so the defaults (batch sharpness and the stability ratio; 8 probes in the first 200 steps, then
+    one every 200) cost about 15 % of the first 200 steps and 2 % after. ``hvp="auto"`` spends one trial (an exact
+    and a finite-difference product, about 5 training steps) at the first probe of a fit. A cold
     λ_max estimate (≤ 20 exact products, early stop) costs 18-44 training steps (PyHessian's power iteration: 42-75,
     and 1-2 % less accurate); a warm one, 1-10 steps after the previous probe, 3-7 products or 5.5-14 training steps,
     within 0.1-1 % of a 40-product reference (``benchmarks/RESULTS.md`` §4). Other steps cost nothing.
@@ -176,16 +200,19 @@ class SharpnessCallback(HealthCallback):
     recompilations. Should a probe still fail, the callback warns once and logs NaN instead of stopping training.
 
     Args:
-        every_n_steps: optimizer steps between probes (step 0 is probed).
+        every_n_steps: the longest interval between probes, in optimizer steps (step 0 is probed); with
+            ``adaptive_schedule=False``, the fixed interval.
         metrics: which quantities to measure, from ``"lambda_max"``, ``"lambda_min"``, ``"trace"``,
             ``"batch_sharpness"``, ``"sam"``, ``"random"``, ``"stability_ratio"``.
         probe: ``"batch"`` (the current batch) or ``"fixed"`` (the first training batch, or :meth:`set_probe_batch`).
         stability_metric: what ``stability_ratio`` compares: ``"auto"`` (see above), ``"lambda_max"`` or
             ``"batch_sharpness"``.
-        hvp: Hessian-vector products: ``"double_backward"`` (exact; on CUDA the probe runs with cuDNN disabled so RNNs
-            have a double backward) or ``"finite_difference"`` (central differences of two gradients, no graph kept;
-            runs the training kernels, e.g. fused attention; its step is relative to the scale of the parameter
-            tensors each direction moves, see :class:`~lightning_gradflow.curvature.HessianVectorProduct`).
+        hvp: Hessian-vector products: ``"auto"`` (exact when the model has a double backward, finite differences
+            otherwise, said once; see above), ``"double_backward"`` (exact, with the math attention kernel and, on
+            CUDA, cuDNN disabled so RNNs have a double backward) or ``"finite_difference"`` (central differences of two
+            gradients, no graph kept; runs the training kernels; its step is relative to the scale of the parameter
+            tensors each direction moves and shrinks at kinks, see
+            :class:`~lightning_gradflow.curvature.HessianVectorProduct`).
         num_hvps: the most Lanczos steps (products) of each λ_max/λ_min estimate, in ``[1, 10000]``
             (:data:`~lightning_gradflow.curvature.MAX_HVPS`). λ_max alone runs plain Lanczos (no
             reorthogonalisation, ``O(parameters)`` per step; with ``warm_start`` its vectors are kept to form the
@@ -209,6 +236,8 @@ class SharpnessCallback(HealthCallback):
             below ``increase_below``.
         increase_below: the calm mark for ``allow_increase``, in (0, ``margin``).
         min_lr_factor: the cumulative factor is never taken below this, in (0, 1].
+        adaptive_schedule: probe densely at the start and after a learning-rate change, sparsely otherwise (see
+            above).
         seed: seed of the probes' own random streams (start vectors, probe directions, dropout masks), in
             ``[0, 2**63 - 1]`` (the probe at step ``t`` seeds with ``seed + t``, which torch needs below ``2**64``).
 
@@ -240,7 +269,7 @@ class SharpnessCallback(HealthCallback):
         metrics: Sequence[str] = ("batch_sharpness", "stability_ratio"),
         probe: Literal["batch", "fixed"] = "batch",
         stability_metric: Literal["auto", "lambda_max", "batch_sharpness"] = "auto",
-        hvp: Literal["double_backward", "finite_difference"] = "double_backward",
+        hvp: Literal["auto", "double_backward", "finite_difference"] = "auto",
         num_hvps: int = 20,
         lanczos_tol: float | None = 1e-3,
         warm_start: bool = True,
@@ -257,6 +286,7 @@ class SharpnessCallback(HealthCallback):
         increase_below: float = DEFAULT_INCREASE_BELOW,
         min_lr_factor: float = DEFAULT_MIN_LR_FACTOR,
         seed: int = 0,
+        adaptive_schedule: bool = True,
     ) -> None:
         super().__init__()
         check_positive_int("every_n_steps", every_n_steps)
@@ -267,7 +297,8 @@ class SharpnessCallback(HealthCallback):
             raise TypeError(f"Expected `metrics` to be a tuple of str, but got {metrics!r}.")
         check_choice("probe", probe, ("batch", "fixed"))
         check_choice("stability_metric", stability_metric, ("auto", "lambda_max", "batch_sharpness"))
-        check_choice("hvp", hvp, ("finite_difference", "double_backward"))
+        check_choice("hvp", hvp, ("auto", "finite_difference", "double_backward"))
+        check_bool("adaptive_schedule", adaptive_schedule)
         check_bool("warm_start", warm_start)
         if isinstance(random_scales, str) or not isinstance(random_scales, Iterable):
             raise TypeError(f"Expected `random_scales` to be a non-empty tuple of floats, but got {random_scales!r}.")
@@ -304,44 +335,25 @@ class SharpnessCallback(HealthCallback):
         self.random_directions = random_directions
         self.auto_intervene = auto_intervene
         self.seed = seed
+        self.adaptive_schedule = adaptive_schedule
+        self.schedule = self._new_schedule()
+        #: the product method of this fit's probes: ``hvp``, or what ``"auto"`` resolved to at the first probe
+        self.hvp_method: str | None = None if hvp == "auto" else hvp
         self.last_rule: StabilityRule | None = None
         self._pending_step: int | None = None
         self._user_batch: Any = None  # given with `set_probe_batch`, kept across fits
         self._fixed_batch: Any = None  # this fit's fixed probe batch, on the module's device
+        self._exact_error: str | None = None  # why `hvp="auto"` fell back to finite differences
         self._warm = WarmStart()  # warm start: the last top Ritz vector (not saved in checkpoints)
         self._fit_start_state = self.controller.state_dict()
 
-    # the controller's settings and state, under the names of the constructor arguments
-
-    @property
-    def margin(self) -> float:
-        """See the constructor."""
-        return self.controller.margin
-
-    @property
-    def patience(self) -> int:
-        """See the constructor."""
-        return self.controller.patience
-
-    @property
-    def lr_factor(self) -> float:
-        """See the constructor."""
-        return self.controller.lr_factor
-
-    @property
-    def allow_increase(self) -> bool:
-        """See the constructor."""
-        return self.controller.allow_increase
-
-    @property
-    def increase_below(self) -> float:
-        """See the constructor."""
-        return self.controller.increase_below
-
-    @property
-    def min_lr_factor(self) -> float:
-        """See the constructor."""
-        return self.controller.min_lr_factor
+    # the controller's settings, under the names of the constructor arguments
+    margin = _setting("margin")
+    patience = _setting("patience")
+    lr_factor = _setting("lr_factor")
+    allow_increase = _setting("allow_increase")
+    increase_below = _setting("increase_below")
+    min_lr_factor = _setting("min_lr_factor")
 
     @property
     def cumulative_factor(self) -> float:
@@ -355,9 +367,16 @@ class SharpnessCallback(HealthCallback):
     def state_key(self) -> str:
         return self._generate_state_key(metrics=self.metrics, probe=self.probe)
 
+    def _new_schedule(self) -> ProbeSchedule:
+        adaptive = self.adaptive_schedule and self.every_n_steps > _DENSE_EVERY
+        return ProbeSchedule(self.every_n_steps, _DENSE_EVERY, _DENSE_STEPS, adaptive=adaptive)
+
     def should_compute(self, step: int) -> bool:
-        """Whether to probe after optimizer step ``step``; override for another schedule (must agree on all ranks)."""
-        return is_probe_step(step, self.every_n_steps)
+        """Whether to probe after optimizer step ``step`` (:attr:`schedule`); advances the adaptive schedule.
+
+        Override for another schedule (it must agree on all ranks).
+        """
+        return self.schedule.due(step)
 
     def loss_fn(self, pl_module: pl.LightningModule, batch: Any) -> Tensor:
         """The scalar loss whose curvature is measured, recomputed from the current weights.
@@ -371,10 +390,7 @@ class SharpnessCallback(HealthCallback):
         if loss is None:
             raise _SkippedBatchError
         if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise MisconfigurationException(
-                f"{self.name}: `training_step` returned {type(out).__name__}, not a scalar loss tensor (or a dict with"
-                " one under 'loss'). Override `SharpnessCallback.loss_fn(pl_module, batch)` to return the loss."
-            )
+            raise MisconfigurationException(not_a_loss_message(self.name, out))
         return loss.reshape(())
 
     def set_probe_batch(self, batch: Any) -> None:
@@ -390,6 +406,9 @@ class SharpnessCallback(HealthCallback):
     def _reset_fit_state(self) -> None:
         # a new fit builds its optimizers from `configure_optimizers`: the learning rates are the configured ones
         self.controller.reset()
+        self.schedule.reset()
+        self.hvp_method = None if self.hvp == "auto" else self.hvp
+        self._exact_error = None
         self.last_rule = None
         self._pending_step = None
         self._fixed_batch = None
@@ -400,11 +419,7 @@ class SharpnessCallback(HealthCallback):
         super().setup(trainer, pl_module, stage)
         refuse_sharded_strategy(trainer, self.name, reads="whole parameters and gradients")
         if not pl_module.automatic_optimization and type(self).loss_fn is SharpnessCallback.loss_fn:
-            raise MisconfigurationException(
-                f"{self.name} calls `training_step` to get the loss, which under manual optimization would step the"
-                " optimizer. Subclass it and override `loss_fn(pl_module, batch)` to return the loss without"
-                " stepping, or use automatic optimization."
-            )
+            raise MisconfigurationException(manual_optimization_message(self.name))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -413,10 +428,7 @@ class SharpnessCallback(HealthCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for logger in tb.tensorboard_loggers(trainer):
-            self._tensorboard(
-                trainer, "add_custom_scalars", partial(tb.add_layout_category, logger, FAMILY, _LAYOUT), 0
-            )
+        write_layout(self, trainer, tb.SHARPNESS_CHARTS, 0)
 
     # --------------------------------------------------------------------------------------------------- probe
 
@@ -441,11 +453,7 @@ class SharpnessCallback(HealthCallback):
         if step is None:
             return
         if not any(p.requires_grad for p in pl_module.parameters()):  # the same on every rank: no collective skipped
-            self._warn_once(
-                "no_parameters",
-                "the module has no trainable parameters, so there is no curvature to measure; nothing is logged."
-                " Unfreeze parameters, or remove the callback.",
-            )
+            self._warn_once("no_parameters", NO_PARAMETERS_MESSAGE)
             return
         rule = self._rule(trainer)
         plan = self._plan(trainer, rule)
@@ -453,10 +461,11 @@ class SharpnessCallback(HealthCallback):
         # One all-reduce, one transfer: every rank logs and decides on the same numbers.
         names = list(dict.fromkeys(plan.keys()))
         local = torch.tensor([measured.get(n, math.nan) for n in names], dtype=torch.float64, device=pl_module.device)
-        reduced = to_host({"values": trainer.strategy.reduce(local, reduce_op="mean")})["values"]
+        reduced = to_host({"values": local}, reduce=partial(trainer.strategy.reduce, reduce_op="mean"))["values"]
         values = dict(zip(names, reduced.tolist(), strict=True))
-        metrics = self._metrics(values, rule, plan)
-        self._control(trainer, step, metrics.get(f"{FAMILY}/stability_ratio", math.nan), rule, plan, values)
+        metrics = sharpness_metrics(values, self.metrics, rule, plan)
+        ratio = metrics.get(f"{FAMILY}/stability_ratio", math.nan)
+        self._control(trainer, step, ratio, stability_detail(values, rule, plan), rule)
         metrics[f"{FAMILY}/lr_factor"] = self.cumulative_factor
         metrics[f"{FAMILY}/interventions"] = float(sum(1 for r in self._log.records if r.applied))
         self.last_rule = rule
@@ -473,11 +482,7 @@ class SharpnessCallback(HealthCallback):
         else:
             rule = stability_rule(trainer.optimizers[0])
         if not rule.known and "stability_ratio" in self.metrics:
-            self._warn_once(
-                "unknown_rule",
-                f"{rule.reason}, so `sharpness/stability_ratio` is logged as NaN and the learning rate is never"
-                " changed. The other sharpness metrics are still measured.",
-            )
+            self._warn_once("unknown_rule", unknown_rule_message(rule.reason))
         return rule
 
     def _plan(self, trainer: pl.Trainer, rule: StabilityRule) -> ProbePlan:
@@ -503,6 +508,7 @@ class SharpnessCallback(HealthCallback):
                 loss = fixed_dropout(lambda: self._loss(pl_module, batch), seed)
                 if not self._measurable(loss, params, step):
                     return plan.nan()
+                plan = self._resolved(plan, loss, params)
                 return plan.measure(loss, params, seed, preconditioner, self._warm if self.warm_start else None)
         except MisconfigurationException:
             raise
@@ -511,21 +517,25 @@ class SharpnessCallback(HealthCallback):
             return plan.nan()
         except Exception as error:  # never stop training from inside a hook: report NaN (same keys on every rank)
             self._warm.clear()
-            if self.hvp == "double_backward":
-                advice = (
-                    "With `hvp='double_backward'`, try `hvp='finite_difference'` (no double backward: it works with"
-                    " kernels and compiled code that cannot be differentiated twice), or override `loss_fn` to run the"
-                    " model eagerly"
-                )
+            if self._exact_error is not None and plan.hvp == "finite_difference":
+                self._warn_once("failed", neither_works_message(step, self._exact_error, error))
             else:
-                advice = (
-                    "The products already avoid double backward (`hvp='finite_difference'`), so the model fails at the"
-                    " probe's batch or perturbed weights: override `loss_fn`, or measure fewer `metrics`"
-                )
-            self._warn_once(
-                "failed", f"the probe at step {step} failed ({type(error).__name__}: {error}); logging NaN. {advice}."
-            )
+                self._warn_once("failed", probe_failed_message(step, error, plan.hvp))
             return plan.nan()
+
+    def _resolved(self, plan: ProbePlan, loss: Callable[[], Tensor], params: Sequence[Tensor]) -> ProbePlan:
+        """``plan`` with this fit's product method.
+
+        ``hvp="auto"`` is resolved at the fit's first probe (one trial product); a fallback to finite differences
+        is said once.
+        """
+        if self.hvp_method is None:
+            resolved, error = plan.resolve(loss, params)
+            self.hvp_method = resolved.hvp
+            if error is not None:
+                self._exact_error = f"{type(error).__name__}: {error}"
+                self._warn_once("finite_difference", finite_difference_message(self._exact_error))
+        return dataclasses.replace(plan, hvp=self.hvp_method)  # type: ignore[arg-type]
 
     def _measurable(self, loss: Callable[[], Tensor], params: Sequence[Tensor], step: int) -> bool:
         """Evaluates the probe loss once; warns (once per reason) and returns False when nothing can be measured.
@@ -538,34 +548,19 @@ class SharpnessCallback(HealthCallback):
             self._warn_once("nonfinite", f"the probe loss is not finite at step {step}; logging NaN.")
             return False
         if not value.requires_grad:
-            self._warn_once(
-                "no_graph",
-                "the probe loss does not depend on the trainable parameters (it has no grad_fn: `training_step`"
-                " detached it or computed it under `torch.no_grad()`), so there is no curvature to measure; logging"
-                " NaN. Return the loss with its graph, or override `loss_fn(pl_module, batch)`.",
-            )
+            self._warn_once("no_graph", NO_GRAPH_MESSAGE)
             return False
-        dtype = params[0].dtype
-        if dtype in (torch.float16, torch.bfloat16):
-            if self.hvp == "finite_difference":
-                advice = "where finite differences are coarse: use `hvp='double_backward'` (exact products), or"
-            else:
-                advice = "which keeps only 2-3 significant digits: for accurate curvature"
-            self._warn_once(
-                "half",
-                f"the parameters are {dtype}, so the probe's Hessian-vector products are computed in {dtype}, {advice}"
-                " train with mixed precision (float32 weights: `precision='16-mixed'` or `'bf16-mixed'`).",
-            )
+        if params[0].dtype in (torch.float16, torch.bfloat16):
+            self._warn_once("half", half_precision_message(params[0].dtype, self.hvp))
         return True
 
     @contextlib.contextmanager
     def _probe_context(self, pl_module: pl.LightningModule, params: Sequence[Tensor], seed: int) -> Iterator[None]:
+        # (exact products turn cuDNN off and pick the math attention kernel themselves: `exact_kernels`)
         device_type = pl_module.device.type
-        cudnn_off = self.hvp == "double_backward" and device_type == "cuda"
         with (
             isolated(pl_module, params, seed=seed),
             torch.autocast(device_type=device_type, enabled=False),
-            torch.backends.cudnn.flags(enabled=False) if cudnn_off else contextlib.nullcontext(),
             _eager(),
             _silenced_logging(pl_module),
         ):
@@ -575,71 +570,31 @@ class SharpnessCallback(HealthCallback):
         loss = self.loss_fn(pl_module, batch)
         return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
 
-    def _metrics(self, values: dict[str, float], rule: StabilityRule, plan: ProbePlan) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        for name, value in values.items():
-            if name == "random_score":
-                metrics[f"{FAMILY}/class"] = _CLASS_INDEX[SharpnessClass.of(value)] if math.isfinite(value) else value
-            elif name in ("lambda_max", "lambda_min", "batch_sharpness") and name not in self.metrics:
-                continue  # measured only for the stability ratio: logged through it
-            else:
-                metrics[f"{FAMILY}/{name}"] = value
-        if "stability_ratio" in self.metrics:
-            measured = values.get(plan.stability_key, math.nan)
-            metrics[f"{FAMILY}/stability_ratio"] = rule.ratio(measured)
-            metrics[f"{FAMILY}/threshold"] = rule.threshold
-            if plan.quantity not in self.metrics and not rule.preconditioned:
-                metrics[f"{FAMILY}/{plan.quantity}"] = measured
-        return metrics
-
     # ------------------------------------------------------------------------------------------------- control
 
-    def _control(
-        self,
-        trainer: pl.Trainer,
-        step: int,
-        ratio: float,
-        rule: StabilityRule,
-        plan: ProbePlan,
-        values: dict[str, float],
-    ) -> None:
-        measured = values.get(plan.stability_key, math.nan)
-        what = f"{'preconditioned ' if rule.preconditioned else ''}{plan.quantity} {measured:.4g}"
-        detail = f"{what} vs threshold {rule.threshold:.4g} ({rule.kind}, lr {rule.lr:.4g})"
+    def _control(self, trainer: pl.Trainer, step: int, ratio: float, detail: str, rule: StabilityRule) -> None:
         decision = self.controller.observe(ratio, rule.settled, detail)
         if decision is None:
             return
         if decision.at_floor:
-            self._warn_once(
-                "floor",
-                f"step {step}: {decision.reason}, but the learning rate is already at `min_lr_factor="
-                f"{self.min_lr_factor:g}` of its original value; lower `min_lr_factor`, or look for the cause.",
-            )
+            self._warn_once("floor", at_floor_message(step, decision.reason, self.min_lr_factor))
             return
         self._apply(trainer, step, decision)
 
     def _apply(self, trainer: pl.Trainer, step: int, decision: StabilityDecision) -> None:
         factor, reason = decision.factor, decision.reason
         before = _first_lr(trainer)
+        self.schedule.found(step)  # a learning-rate change (made or proposed): probe densely again
         if not self.auto_intervene:
             if decision.finding == "unstable" and "would_scale" not in self._warned:
-                self._warn_once(
-                    "would_scale",
-                    f"step {step}: {reason}. Training is past its edge of stability (expect oscillating or diverging"
-                    f" loss). With `auto_intervene=True` {self.name} would multiply the learning rate by {factor:g};"
-                    " or lower it yourself.",
-                )
+                self._warn_once("would_scale", would_scale_message(step, reason, self.name, factor))
                 self._log.add(step, "lr_scale", "optimizer", reason, before, before * factor, applied=False)
             return
         scale_learning_rate(trainer.optimizers, trainer.lr_scheduler_configs, factor)
         self.controller.applied(factor)
         self._log.add(step, "lr_scale", "optimizer", f"{reason}; lr × {factor:g}", before, _first_lr(trainer))
         if decision.finding == "unstable":
-            self._warn_once(
-                "scaled",
-                f"step {step}: {reason}. Learning rate multiplied by {factor:g} (cumulative"
-                f" {self.cumulative_factor:g}); further changes are only listed in `interventions` and logged.",
-            )
+            self._warn_once("scaled", scaled_message(step, reason, factor, self.cumulative_factor))
 
     # ------------------------------------------------------------------------------------------ rollbacks, state
 
@@ -654,11 +609,13 @@ class SharpnessCallback(HealthCallback):
         before this callback joined the channel, i.e. at the start of this fit.
         """
         self.controller.load_state_dict(self._fit_start_state if state is None else state)
+        self.schedule.found(event.step)  # the restored learning rates may be unstable again: probe densely
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
             **self.controller.state_dict(),
+            "schedule": self.schedule.state_dict(),
             "interventions": self._log.state_dict(),
             "warned": sorted(self._warned),
         }
@@ -669,10 +626,32 @@ class SharpnessCallback(HealthCallback):
         controller.load_state_dict(state)  # validates the factor and the streaks
         log = InterventionLog(self.name)
         log.load_state_dict(state["interventions"])  # validates the records
+        schedule = self._new_schedule()
+        if "schedule" in state:  # absent in checkpoints written before the adaptive schedule: it starts afresh
+            schedule.load_state_dict(state["schedule"])
         warned = state["warned"]
         if not isinstance(warned, (list, tuple, set)) or not all(isinstance(w, str) for w in warned):
             raise TypeError(f"Expected `warned` to be a list of str, but got {warned!r}.")
-        self.controller, self._log, self._warned = controller, log, set(warned)
+        self.controller, self._log, self._warned, self.schedule = controller, log, set(warned), schedule
+
+
+def finite_difference_message(exact_error: str) -> str:
+    """The warning of ``hvp="auto"`` falling back to finite differences (once per callback)."""
+    return (
+        f"the model has no double backward, even with PyTorch's math attention kernel ({exact_error}), so every"
+        " probe uses finite-difference Hessian-vector products (two gradients each, step shrunk at ReLU kinks)."
+        " Pass `hvp='finite_difference'` to choose them without this warning."
+    )
+
+
+def neither_works_message(step: int, exact_error: str, error: BaseException) -> str:
+    """The warning of a probe for which neither exact nor finite-difference products work."""
+    return (
+        f"the probe at step {step} failed: the model has no double backward ({exact_error}), and the"
+        f" finite-difference products, which only need `loss.backward()`, failed too ({type(error).__name__}:"
+        f" {error}); logging NaN. The model fails at the probe's batch or perturbed weights: override `loss_fn`, or"
+        " measure fewer `metrics`."
+    )
 
 
 class _SkippedBatchError(Exception):

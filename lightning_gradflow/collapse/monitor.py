@@ -12,7 +12,9 @@
   counted and leave every detector untouched; only ``overflow_patience`` consecutive ones count as non-finite;
 * **representations** (dead units, RankMe), scored on probe steps by :meth:`CollapseMonitor.score_representations`
   and weighted :data:`REPRESENTATION_WEIGHT`: these slow signals warn per layer and raise the risk, but cannot
-  make an alarm alone.
+  make an alarm alone. A *collapse* is a fall: a layer's effective rank is only scored once some probe measured it
+  at ``2 · min_effective_rank`` or more, so features that have not spread yet (a random initialisation whose
+  outputs barely depend on the input: RankMe ≈ 1 at step 0) are no finding.
 
 ``risk = 1 - Π(1 - s_i)``. The **step risk** leaves the representation signal out: it opens a warning episode when it
 reaches ``warn_threshold`` (or on a non-finite step) and closes it when it falls below half of it, so a standing
@@ -120,6 +122,7 @@ class CollapseMonitor:
         self.episode = False  # a warning episode is open
         self.repr_score = 0.0
         self.repr_warned: set[tuple[str, str]] = set()  # (kind, layer) findings already warned about
+        self.rank_peak: dict[str, float] = {}  # per layer: the highest effective rank any probe measured
 
     def _spike_detector(self) -> RobustZScore | EmaZScore:
         c = self.config
@@ -215,6 +218,10 @@ class CollapseMonitor:
                 what = f"{value:.0%} of the units of '{layer}' are {'dormant' if c.dormant_threshold else 'dead'}"
                 fix = "lower the learning rate, use LeakyReLU/GELU, or re-initialise the dead units (ReDo)"
             elif kind == "effective_rank":
+                if math.isfinite(value):
+                    self.rank_peak[layer] = max(self.rank_peak.get(layer, 0.0), value)
+                if self.rank_peak.get(layer, 0.0) < 2 * c.min_effective_rank:
+                    continue  # the features never spread yet (random initialisation): a low rank is no collapse
                 s = ramp(-value, -2 * c.min_effective_rank, -c.min_effective_rank)
                 what = f"the features entering '{layer}' collapsed to an effective rank of {value:.3g}"
                 fix = "check for representation collapse: lower the learning rate, add normalisation or weight decay"
@@ -243,6 +250,7 @@ class CollapseMonitor:
             "episode": self.episode,
             "repr_score": self.repr_score,
             "repr_warned": sorted([kind, layer] for kind, layer in self.repr_warned),
+            "rank_peak": dict(self.rank_peak),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -259,6 +267,10 @@ class CollapseMonitor:
             raise ValueError(f"`repr_score` must lie in [0, 1], got {repr_score}")
         self.repr_score = repr_score
         self.repr_warned = {(str(kind), str(layer)) for kind, layer in state["repr_warned"]}
+        peaks = state.get("rank_peak", {})  # absent from checkpoints of older versions
+        if not isinstance(peaks, dict):
+            raise TypeError(f"`rank_peak` must be a dict of layer -> rank, got {type(peaks).__name__}")
+        self.rank_peak = {str(layer): check_finite("rank_peak", rank) for layer, rank in peaks.items()}
 
     def rewind(self, state: dict[str, Any]) -> None:
         """Returns the detectors to a :meth:`state_dict` taken at a snapshot (after a rollback to it).

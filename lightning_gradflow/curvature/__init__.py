@@ -7,10 +7,15 @@ fixes the dropout masks within one estimate so every evaluation sees the same fu
 
 Hessian-vector products (:class:`HessianVectorProduct`):
 
-* ``"double_backward"`` (default): exact, builds the gradient graph once and differentiates it again per product;
+* ``"double_backward"`` (default): exact, builds the gradient graph once and differentiates it again per product,
+  under :func:`exact_kernels` (the math attention kernel instead of the fused ones, cuDNN off: both have no double
+  backward);
 * ``"finite_difference"``: central differences of two gradients along ``v``, with a step scaled per parameter
-  tensor (``ε_dtype^(1/3)`` times ``1 + RMS`` of the tensors ``v`` moves, see :class:`HessianVectorProduct`); runs
-  the same kernels as training (cuDNN RNNs and fused attention have no double backward) and keeps no graph.
+  tensor (``ε_dtype^(1/3)`` times ``1 + RMS`` of the tensors ``v`` moves), shrunk where the forward and backward
+  differences disagree (a kink of a ReLU network, see :class:`HessianVectorProduct`); runs the same kernels as
+  training, keeps no graph, and works wherever ``loss.backward()`` does (reentrant checkpointing, through
+  :func:`backward_gradients`);
+* ``"auto"``: the exact product when the model has one, finite differences otherwise (:func:`choose_method`).
 
 Where each concept lives:
 
@@ -25,12 +30,16 @@ Where each concept lives:
 """
 
 from lightning_gradflow.curvature.hvp import (
+    HVP_METHODS,
     HessianVectorProduct,
     HvpMethod,
     LossFn,
     _dense,
     _flat,
     _unflat,
+    backward_gradients,
+    choose_method,
+    exact_kernels,
     fixed_dropout,
     gradients,
     isolated,
@@ -92,6 +101,7 @@ __all__ = [
     "DEFAULT_MIN_LR_FACTOR",
     "DEFAULT_PATIENCE",
     "DEFAULT_SCALES",
+    "HVP_METHODS",
     "MAX_DIRECTIONS",
     "MAX_HVPS",
     "MAX_PERTURBATION",
@@ -109,7 +119,10 @@ __all__ = [
     "TraceEstimate",
     "WarmStart",
     "adam_preconditioner",
+    "backward_gradients",
     "batch_sharpness",
+    "choose_method",
+    "exact_kernels",
     "fixed_dropout",
     "gradients",
     "hessian_eigenvalues",

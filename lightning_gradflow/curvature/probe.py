@@ -7,6 +7,7 @@ name. Every plan returns the same keys whatever happens (:meth:`ProbePlan.keys`)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_gradflow.checks import check_bool, check_float, check_int
-from lightning_gradflow.curvature.hvp import HvpMethod, LossFn
+from lightning_gradflow.curvature.hvp import HVP_METHODS, HvpMethod, LossFn, choose_method
 from lightning_gradflow.curvature.sharpness import (
     DEFAULT_SCALES,
     batch_sharpness,
@@ -59,7 +60,8 @@ class ProbePlan:
         metrics: a selection of :data:`METRICS`.
         quantity: what the stability ratio compares: ``"lambda_max"`` or ``"batch_sharpness"``.
         preconditioned: the ratio is on Adam's preconditioned quantity (``preconditioned_<quantity>``).
-        hvp: how Hessian-vector products are computed.
+        hvp: how Hessian-vector products are computed (``"auto"``: resolved at each :meth:`measure`; resolve it once
+            with :meth:`resolve` and measure with the returned plan).
         num_hvps: the most Lanczos steps of a λ_max/λ_min estimate.
         lanczos_tol: the Lanczos early stop (``None``: always ``num_hvps``).
         trace_hvps: products of the trace estimate.
@@ -99,8 +101,10 @@ class ProbePlan:
         if self.quantity not in ("lambda_max", "batch_sharpness"):
             raise ValueError(f"Expected `quantity` to be 'lambda_max' or 'batch_sharpness', but got {self.quantity!r}.")
         check_bool("preconditioned", self.preconditioned)
-        if self.hvp not in ("double_backward", "finite_difference"):
-            raise ValueError(f"Expected `hvp` to be 'double_backward' or 'finite_difference', but got {self.hvp!r}.")
+        if self.hvp not in HVP_METHODS:
+            raise ValueError(
+                f"Expected `hvp` to be 'auto', 'double_backward' or 'finite_difference', but got {self.hvp!r}."
+            )
         check_int("num_hvps", self.num_hvps, 1, MAX_HVPS, "Hessian-vector products per Lanczos run")
         if self.lanczos_tol is not None:
             check_float("lanczos_tol", self.lanczos_tol, 0.0, math.inf)
@@ -157,6 +161,24 @@ class ProbePlan:
             keys += [f"random/{scale:g}" for scale in self.random_scales] + ["random_score"]
         return keys
 
+    def resolve(self, loss_fn: LossFn, params: Sequence[Tensor]) -> tuple[ProbePlan, Exception | None]:
+        """This plan with ``hvp="auto"`` made concrete, and the error that ruled out the exact product.
+
+        The choice is :func:`~lightning_gradflow.curvature.hvp.choose_method`'s; the error is ``None`` when the exact
+        product works or the method was already set.
+
+        Example::
+
+            >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+            >>> plan, error = ProbePlan(("lambda_max",), hvp="auto").resolve(lambda: (w**3).sum(), [w])
+            >>> plan.hvp, error
+            ('double_backward', None)
+        """
+        if self.hvp != "auto":
+            return self, None
+        method, error = choose_method(loss_fn, params)
+        return dataclasses.replace(self, hvp=method), error
+
     def nan(self) -> dict[str, float]:
         """Every key as NaN: what a probe that could not measure reports."""
         return dict.fromkeys(self.keys(), math.nan)
@@ -182,6 +204,8 @@ class ProbePlan:
             warm: a :class:`~lightning_gradflow.curvature.spectrum.WarmStart` to start λ_max from and to update
                 (``None``: every run starts cold).
         """
+        if self.hvp == "auto":
+            return self.resolve(loss_fn, params)[0].measure(loss_fn, params, seed, preconditioner, warm)
         out: dict[str, float] = {}
 
         def generator() -> torch.Generator:

@@ -7,12 +7,21 @@
 
 1. a probe **flags** the gate when more than ``saturation_threshold`` of its activations are saturated and at least
    one of its units is a saturated unit; its streak counts consecutive flagged probes (reset by a healthy probe);
-2. at ``patience`` flags in a row the gate is **diagnosed**, and then, in this order: it is only reported when its
-   module cannot be repaired or its gate is not in ``repair_gates`` (``REPORT_ONLY``); only recorded as what would be
-   done when ``auto_intervene`` is off (``MONITOR``); left alone during ``cooldown`` steps after its last surgery
-   (``COOLDOWN``), once its surgeries were undone by ``MAX_UNDONE`` rollbacks (``GIVEN_UP``), and once
-   ``max_surgeries`` surgeries are in effect, counting those already decided on this probe (``BUDGET``); otherwise it
-   is repaired (``REPAIR``). A surgery resets the gate's streak.
+2. at ``patience`` flags in a row the gate is **diagnosed** — if its streak began on the first probe of the fit
+   (saturation present from initialisation, the common case, is repaired as soon as possible); a streak that began
+   later must also span ``late_span`` steps (a gate that saturates during training, as the cell and input gates of a
+   healthy character LSTM do for a while early on, is repaired only when it stays saturated) — and then, in this order:
+   it is only reported when its module cannot be repaired or its gate is not in ``repair_gates`` (``REPORT_ONLY``); only
+   recorded as what would be done when ``auto_intervene`` is off (``MONITOR``); left alone during ``cooldown`` steps
+   after its last surgery (``COOLDOWN``), once its surgeries were undone by ``MAX_UNDONE`` rollbacks (``GIVEN_UP``), and
+   once ``max_surgeries`` surgeries are in effect, counting those already decided on this probe (``BUDGET``); otherwise
+   it is repaired (``REPAIR``). A surgery resets the gate's streak.
+3. **one finding, one decision**: when a probe repairs any gate, every other gate flagged on the same probe — of any
+   layer, direction or module, whatever its streak — is repaired with it (subject to the same ``REPORT_ONLY``,
+   ``MONITOR``, ``COOLDOWN``, ``GIVEN_UP`` and ``BUDGET`` checks). Saturation present from initialisation is usually
+   in every layer at once, and a deeper layer whose input is shut is saturated because of the same fault; repairing
+   the first layer alone and waiting ``patience`` probes for the others lets them half-heal meanwhile, and the run
+   ends worse than without surgery.
 
 **Rollbacks.** A rollback (e.g. EarlyCollapseCallback's) restores weights from a snapshot, and with them undoes every
 surgery made after it. :meth:`rollback_state` is what to keep with a snapshot; :meth:`restore` returns to it (streaks,
@@ -40,6 +49,15 @@ Example::
     ['flagged']
     >>> diagnosis.restore(snapshot), diagnosis.surgeries  # a rollback to the snapshot undid the surgery of step 1
     ([(1, 'rnn/l0/input')], 0)
+
+    A gate flagged for the first time on the probe that repairs another is repaired with it::
+
+        >>> fresh = GateDiagnosis(patience=2, auto_intervene=True)
+        >>> deeper = GateObservation("rnn/l1/input", "input", saturation=0.8, units=(1,), weight_rms=(0.2,))
+        >>> [d.verdict.value for d in fresh.update(0, [saturated])]
+        ['flagged']
+        >>> [d.verdict.value for d in fresh.update(1, [saturated, deeper])]
+        ['repair', 'repair']
 """
 
 from __future__ import annotations
@@ -155,6 +173,7 @@ class GateDiagnosis:
         max_surgeries: the most surgeries in effect at once in a run (0: report only).
         auto_intervene: whether diagnosed gates are repaired (otherwise ``MONITOR``).
         repair_gates: the gate names surgery may touch (empty: all).
+        late_span: steps a streak that began after the first probe must span before the gate is diagnosed.
 
     Raises:
         ValueError: for an argument out of range or an unknown gate name.
@@ -168,9 +187,12 @@ class GateDiagnosis:
         max_surgeries: int = 16,
         auto_intervene: bool = True,
         repair_gates: Iterable[str] = (),
+        late_span: int = 0,
     ) -> None:
         if not 0.0 <= saturation_threshold < 1.0:
             raise ValueError(f"Expected `saturation_threshold` in [0, 1), but got {saturation_threshold}.")
+        if late_span < 0:
+            raise ValueError(f"Expected `late_span` >= 0, but got {late_span}.")
         if patience < 1 or cooldown < 0 or max_surgeries < 0:
             raise ValueError(
                 f"Expected `patience` > 0, `cooldown` >= 0 and `max_surgeries` >= 0, but got {patience}, {cooldown}"
@@ -185,6 +207,7 @@ class GateDiagnosis:
         self.cooldown = cooldown
         self.max_surgeries = max_surgeries
         self.auto_intervene = auto_intervene
+        self.late_span = late_span
         self.reset()
 
     def reset(self) -> None:
@@ -193,6 +216,8 @@ class GateDiagnosis:
         self._last_surgery: dict[str, int] = {}
         self._applied: list[tuple[int, str]] = []
         self._undone: dict[str, int] = {}
+        self._onset: dict[str, int] = {}  # the step each gate's current streak began
+        self._first_step: int | None = None  # the fit's first probe
 
     # ---------------------------------------------------------------------------------------------- read-outs
 
@@ -227,17 +252,34 @@ class GateDiagnosis:
         """Updates every observed gate's streak and returns the verdict on each, in order."""
         decisions = []
         planned = 0
+        if self._first_step is None:
+            self._first_step = step
         for obs in observations:
             flagged = obs.saturation > self.saturation_threshold and bool(obs.units)
             streak = self._streaks[obs.key] = self._streaks.get(obs.key, 0) + 1 if flagged else 0
+            if streak == 1:
+                self._onset[obs.key] = step
             verdict = self._verdict(step, obs, streak, planned) if flagged else GateVerdict.HEALTHY
             planned += verdict is GateVerdict.REPAIR
             decisions.append(GateDecision(obs, verdict, streak))
+        if planned:  # one finding, one decision: the gates flagged with it are repaired with it (rule 3)
+            for i, decision in enumerate(decisions):
+                if decision.verdict is GateVerdict.FLAGGED:
+                    verdict = self._action(step, decision.observation, planned)
+                    planned += verdict is GateVerdict.REPAIR
+                    decisions[i] = GateDecision(decision.observation, verdict, decision.streak)
         return decisions
 
     def _verdict(self, step: int, obs: GateObservation, streak: int, planned: int) -> GateVerdict:
         if streak < self.patience:
             return GateVerdict.FLAGGED
+        onset = self._onset.get(obs.key, step)
+        if onset != self._first_step and step - onset < self.late_span:
+            return GateVerdict.FLAGGED
+        return self._action(step, obs, planned)
+
+    def _action(self, step: int, obs: GateObservation, planned: int) -> GateVerdict:
+        """The verdict on a diagnosed gate (rule 2 after the patience check)."""
         if not obs.repairable or (self.repair_gates and obs.gate not in self.repair_gates):
             return GateVerdict.REPORT_ONLY
         if not self.auto_intervene:
@@ -265,6 +307,7 @@ class GateDiagnosis:
             "streaks": dict(self._streaks),
             "last_surgery": dict(self._last_surgery),
             "applied": [[step, key] for step, key in self._applied],
+            "onset": dict(self._onset),
         }
 
     def restore(self, state: Mapping[str, Any]) -> list[tuple[int, str]]:
@@ -272,17 +315,23 @@ class GateDiagnosis:
         streaks = _counts("streaks", state["streaks"])
         last_surgery = _counts("last_surgery", state["last_surgery"])
         kept = _applied(state["applied"])
+        onset = _counts("onset", state.get("onset", {}))
         undone = [entry for entry in self._applied if entry not in kept]
         for _, key in undone:
             self._undone[key] = self._undone.get(key, 0) + 1
-        self._streaks, self._last_surgery, self._applied = streaks, last_surgery, kept
+        self._streaks, self._last_surgery, self._applied, self._onset = streaks, last_surgery, kept, onset
         return undone
 
     # ------------------------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
         """Everything, as plain values (``surgeries`` is derived, saved for readers of a checkpoint)."""
-        return {**self.rollback_state(), "surgeries": self.surgeries, "undone": dict(self._undone)}
+        return {
+            **self.rollback_state(),
+            "surgeries": self.surgeries,
+            "undone": dict(self._undone),
+            "first_probe": self._first_step,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores a :meth:`state_dict`; raises ``TypeError``/``ValueError`` naming the entry that is wrong."""
@@ -292,6 +341,10 @@ class GateDiagnosis:
         last_surgery = _counts("last_surgery", state["last_surgery"])
         applied = _applied(state["applied"])
         undone = _counts("undone", state.get("undone", {}))
+        onset = _counts("onset", state.get("onset", {}))  # absent before `late_span`
+        first = state.get("first_probe")
+        if first is not None and (not isinstance(first, int) or isinstance(first, bool) or first < 0):
+            raise ValueError(f"Expected `first_probe` to be a step >= 0 or None, but got {first!r}.")
         surgeries = state.get("surgeries", len(applied))
         if not isinstance(surgeries, int) or isinstance(surgeries, bool) or surgeries != len(applied):
             raise ValueError(
@@ -299,6 +352,7 @@ class GateDiagnosis:
                 " inconsistent."
             )
         self._streaks, self._last_surgery, self._applied, self._undone = streaks, last_surgery, applied, undone
+        self._onset, self._first_step = onset, first
 
 
 def _counts(name: str, value: Any) -> dict[str, int]:

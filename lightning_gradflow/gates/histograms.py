@@ -1,15 +1,19 @@
-"""Histograms of gate activations, counted on the device, and their TensorBoard ``add_histogram_raw`` form."""
+"""Histograms of gate activations, counted on the device.
+
+Their TensorBoard ``add_histogram_raw`` form (:func:`histogram_raw`, :func:`gate_histograms`) lives with the rest of the
+TensorBoard formatting in :mod:`lightning_gradflow.tensorboard.histograms` and is re-exported here.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_gradflow.gates.discovery import GatedModule, gate_key
-from lightning_gradflow.stats import HistogramSpec, tensorboard_histogram
+from lightning_gradflow.tensorboard.histograms import gate_histograms, histogram_raw
+
+__all__ = ["_sorted_histograms", "activation_histograms", "gate_histograms", "histogram_raw"]
 
 
 def activation_histograms(act: Tensor, tanh_mask: Sequence[bool], bins: int) -> Tensor:
@@ -37,52 +41,3 @@ def _sorted_histograms(act: Tensor, tanh_mask: Sequence[bool], bins: int) -> Ten
     below = torch.searchsorted(values, edges.contiguous(), right=False)
     bounds = torch.cat([torch.zeros_like(below[:, :1]), below, torch.full_like(below[:, :1], values.shape[1])], dim=1)
     return bounds.diff(dim=1)
-
-
-def histogram_raw(counts: Sequence[int], low: float, high: float) -> dict[str, Any]:
-    """Arguments for ``SummaryWriter.add_histogram_raw`` from equal-width bucket counts over ``[low, high]``.
-
-    ``sum`` and ``sum_squares`` are estimated from bucket midpoints. Returns an empty dict when all counts are 0.
-    """
-    bins = len(counts)
-    width = (high - low) / bins
-    limits = [low + width * (i + 1) for i in range(bins)]
-    mids = [low + width * (i + 0.5) for i in range(bins)]
-    nonzero = [i for i, c in enumerate(counts) if c]
-    if not nonzero:
-        return {}
-    first, last = nonzero[0], nonzero[-1]
-    kept = range(first, last + 1)
-    return {
-        "min": low + width * first,
-        "max": limits[last],
-        "num": int(sum(counts)),
-        "sum": float(sum(counts[i] * mids[i] for i in kept)),
-        "sum_squares": float(sum(counts[i] * mids[i] * mids[i] for i in kept)),
-        "bucket_limits": [limits[i] for i in kept],
-        "bucket_counts": [int(counts[i]) for i in kept],
-    }
-
-
-def gate_histograms(
-    gated: GatedModule, activation_counts: Tensor, preact_counts: Tensor, preact_spec: HistogramSpec
-) -> dict[str, dict[str, Any]]:
-    """``add_histogram_raw`` arguments of one module's probe by tag: ``activation_hist/<key>``, ``preact_hist/<key>``.
-
-    Args:
-        gated: the module.
-        activation_counts: ``(rows, gates, bins)`` counts from :func:`activation_histograms` (summed over calls).
-        preact_counts: ``(rows · gates, preact_spec.num_bins)`` counts of the pre-activations.
-        preact_spec: their bucket layout.
-    """
-    out = {}
-    for row, row_name in enumerate(gated.row_names()):
-        for g, gate in enumerate(gated.gates):
-            key = gate_key(gated.name, row_name, gate)
-            low = -1.0 if gated.tanh_mask[g] else 0.0
-            counts = [int(c) for c in activation_counts[row, g].tolist()]
-            out[f"activation_hist/{key}"] = histogram_raw(counts, low, 1.0)
-            out[f"preact_hist/{key}"] = tensorboard_histogram(
-                preact_counts[row * len(gated.gates) + g].long(), preact_spec
-            )
-    return out

@@ -1,17 +1,24 @@
-"""Histograms of tensors over fixed log-spaced |x| buckets, counted on the device, ready for TensorBoard."""
+"""Histograms of tensors over fixed log-spaced |x| buckets, counted on the device.
+
+Their TensorBoard form, :func:`~lightning_gradflow.tensorboard.tensorboard_histogram`, lives with the rest of the
+TensorBoard formatting in :mod:`lightning_gradflow.tensorboard` and is re-exported here.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lightning_gradflow.stats._common import BACKENDS, Backend, as_tensor_list, flat_view
 from lightning_gradflow.stats._dispatch import run_grouped
-from lightning_gradflow.stats.tensor_stats import TensorStats, prepared_values, with_dense_sizes
+from lightning_gradflow.stats.tensor_stats import prepared_values, with_dense_sizes
+from lightning_gradflow.tensorboard.histograms import tensorboard_histogram
+
+__all__ = ["HistogramSpec", "TensorHistograms", "tensor_histograms", "tensorboard_histogram"]
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -122,77 +129,6 @@ class TensorHistograms:
     def to_host(self) -> TensorHistograms:
         """The counts on the CPU (one transfer)."""
         return TensorHistograms(self.counts.cpu(), self.spec)
-
-
-def tensorboard_histogram(counts: Tensor, spec: HistogramSpec, stats: TensorStats | None = None) -> dict[str, Any]:
-    """Arguments for ``SummaryWriter.add_histogram_raw`` from one histogram row (and optionally its statistics).
-
-    TensorBoard buckets are ``(previous limit, limit]``: the negative underflow and the zeros share the bucket
-    ending at 0. Non-finite values are left out (they are reported by :class:`TensorStats`). Empty buckets at either
-    end are trimmed. Without ``stats``, ``sum`` and ``sum_squares`` are estimated from bucket midpoints and
-    ``min``/``max`` are bucket edges.
-
-    Args:
-        counts: ``(num_bins,)`` counts, e.g. ``hist.total()`` or ``hist.counts[i]``; any device.
-        spec: the layout the counts were made with.
-        stats: a one-row :class:`TensorStats` of the same values, for exact ``sum``, ``sum_squares`` and
-            ``max(|x|)``.
-
-    Returns:
-        ``dict(min=, max=, num=, sum=, sum_squares=, bucket_limits=, bucket_counts=)``, or an empty dict when every
-        value is non-finite (TensorBoard cannot draw an empty histogram).
-
-    Example::
-
-        >>> import torch
-        >>> from lightning_gradflow.stats import HistogramSpec, tensor_histograms, tensorboard_histogram
-        >>> spec = HistogramSpec(min_exp=-2, max_exp=2, bins_per_octave=1)
-        >>> h = tensor_histograms([torch.tensor([0.0, 0.3, -1.5, 3.0])], spec=spec)
-        >>> raw = tensorboard_histogram(h.total(), spec)
-        >>> raw["num"], raw["bucket_limits"], raw["bucket_counts"]
-        (4, [-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0], [1, 0, 0, 1, 0, 1, 0, 0, 1])
-    """
-    values = [int(c) for c in counts.detach().cpu().tolist()]
-    if len(values) != spec.num_bins:
-        raise ValueError(f"Expected {spec.num_bins} counts for {spec}, but got {len(values)}.")
-    m = spec.num_magnitude_bins
-    edges = spec.magnitude_edges()
-    top = 2.0 ** (spec.max_exp + 1)
-    # (limit, count, midpoint) per TensorBoard bucket, ascending.
-    buckets: list[tuple[float, int, float]] = [(-edges[-1], values[spec.neg_overflow], -top)]
-    for j in range(m - 1, -1, -1):  # negative magnitude buckets, large to small |x|
-        buckets.append((-edges[j], values[m - j], -(edges[j] + edges[j + 1]) / 2))
-    buckets.append((0.0, values[spec.neg_underflow] + values[spec.zero], -edges[0] / 2))
-    buckets.append((edges[0], values[spec.pos_underflow], edges[0] / 2))
-    for j in range(m):
-        buckets.append((edges[j + 1], values[spec.pos_underflow + 1 + j], (edges[j] + edges[j + 1]) / 2))
-    buckets.append((top, values[spec.pos_overflow], top))
-    nonzero = [i for i, (_, c, _) in enumerate(buckets) if c]
-    if not nonzero:
-        return {}
-    first, last = nonzero[0], nonzero[-1]
-    kept = buckets[first : last + 1]
-    lower = buckets[first - 1][0] if first > 0 else -top
-    num = sum(c for _, c, _ in kept)
-    if stats is not None:
-        row = stats.to_host().table[0]
-        total, sum_squares, absmax = float(row[2]), float(row[0]), float(row[1])
-        lower, upper = max(lower, -absmax), min(kept[-1][0], absmax)
-    else:
-        total = sum(c * mid for _, c, mid in kept)
-        sum_squares = sum(c * mid * mid for _, c, mid in kept)
-        upper = kept[-1][0]
-    limits = [lim for lim, _, _ in kept]
-    limits[-1] = max(upper, lower)
-    return {
-        "min": lower,
-        "max": limits[-1],
-        "num": num,
-        "sum": total,
-        "sum_squares": sum_squares,
-        "bucket_limits": limits,
-        "bucket_counts": [c for _, c, _ in kept],
-    }
 
 
 def tensor_histograms(

@@ -4,18 +4,15 @@ learning-rate controller rescues a run past its edge of stability, and resuming 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from models import RecordingLogger, quiet_trainer
-from sharpness_models import LinearRegression, NoisyNet, QuietMLP, exact_hessian, loader, regression_data
 from torch import Tensor, nn
 
 from lightning_gradflow import curvature
@@ -30,26 +27,19 @@ from lightning_gradflow.curvature import (
     stability_rule,
     stability_threshold,
 )
+from tests.helpers.sharpness_models import (
+    LinearRegression,
+    NoisyNet,
+    QuietMLP,
+    exact_hessian,
+    loader,
+    regression_data,
+    top_eigenvalue,
+    unstable_regression,
+)
+from tests.helpers.training import fit_recorded, load_example, quiet_trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _fit(model: LightningModule, data: Any, callbacks: list[Any], steps: int, **kwargs: Any) -> RecordingLogger:
-    logger = RecordingLogger()
-    ckpt_path = kwargs.pop("ckpt_path", None)
-    trainer = quiet_trainer(max_steps=steps, logger=logger, callbacks=callbacks, **kwargs)
-    trainer.fit(model, data, ckpt_path=ckpt_path)
-    return logger
-
-
-def _top(x: Tensor) -> float:
-    return float(torch.linalg.eigvalsh(exact_hessian(x))[-1])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------- stability rules
@@ -189,7 +179,7 @@ def test_unknown_optimizer_logs_nan_and_warns_once() -> None:
     x, y = regression_data()
     callback = SharpnessCallback(every_n_steps=1, metrics=("lambda_max", "stability_ratio"), auto_intervene=True)
     with pytest.warns(RuntimeWarning, match="no stability threshold is known for RMSprop"):
-        logger = _fit(LinearRegression(lr=0.01, optimizer="rmsprop"), loader(x, y), [callback], steps=3)
+        logger = fit_recorded(LinearRegression(lr=0.01, optimizer="rmsprop"), loader(x, y), [callback], steps=3)
     ratios = logger.series("sharpness/stability_ratio")
     assert len(ratios) == 3 and all(math.isnan(v) for v in ratios.values())
     assert all(math.isfinite(v) for v in logger.series("sharpness/lambda_max").values())
@@ -209,7 +199,7 @@ def test_values_on_a_quadratic_match_the_exact_hessian(hvp: str) -> None:
         every_n_steps=1, metrics=("lambda_max", "lambda_min", "trace", "batch_sharpness", "stability_ratio"), hvp=hvp
     )  # type: ignore[arg-type]
     model = LinearRegression(lr=lr)
-    logger = _fit(model, loader(x, y), [callback], steps=1)
+    logger = fit_recorded(model, loader(x, y), [callback], steps=1)
     row = logger.series
     h = exact_hessian(x)
     eig = torch.linalg.eigvalsh(h)
@@ -230,7 +220,7 @@ def test_values_on_a_quadratic_match_the_exact_hessian(hvp: str) -> None:
 def test_minibatches_compare_batch_sharpness_and_fixed_probe_keeps_its_batch() -> None:
     x, y = regression_data(64)
     callback = SharpnessCallback(every_n_steps=1, metrics=("stability_ratio",), probe="fixed")
-    logger = _fit(LinearRegression(lr=0.05), loader(x, y, 16), [callback], steps=4)
+    logger = fit_recorded(LinearRegression(lr=0.05), loader(x, y, 16), [callback], steps=4)
     sharpness, ratio = logger.series("sharpness/batch_sharpness"), logger.series("sharpness/stability_ratio")
     logged = logger.keys()
     assert "sharpness/lambda_max" not in logged
@@ -240,23 +230,23 @@ def test_minibatches_compare_batch_sharpness_and_fixed_probe_keeps_its_batch() -
 
     # a fixed probe batch: λ_max of a quadratic is the same at every probe, the first batch's
     callback = SharpnessCallback(every_n_steps=2, metrics=("lambda_max",), probe="fixed", hvp="double_backward")
-    logger = _fit(LinearRegression(lr=0.05), loader(x, y, 16), [callback], steps=5)
+    logger = fit_recorded(LinearRegression(lr=0.05), loader(x, y, 16), [callback], steps=5)
     assert list(logger.series("sharpness/lambda_max")) == [0, 2, 4]
     for value in logger.series("sharpness/lambda_max").values():
-        assert value == pytest.approx(_top(x[:16]), rel=1e-5)
+        assert value == pytest.approx(top_eigenvalue(x[:16]), rel=1e-5)
 
     # a batch given by the user
     callback = SharpnessCallback(every_n_steps=1, metrics=("lambda_max",), probe="fixed", hvp="double_backward")
     callback.set_probe_batch((x[40:], y[40:]))
-    logger = _fit(LinearRegression(lr=0.05), loader(x, y, 16), [callback], steps=2)
-    assert logger.series("sharpness/lambda_max")[1] == pytest.approx(_top(x[40:]), rel=1e-5)
+    logger = fit_recorded(LinearRegression(lr=0.05), loader(x, y, 16), [callback], steps=2)
+    assert logger.series("sharpness/lambda_max")[1] == pytest.approx(top_eigenvalue(x[40:]), rel=1e-5)
 
 
 def test_all_metrics_are_logged() -> None:
     seed_everything(0, verbose=False)
     x, y = regression_data(64)
     callback = SharpnessCallback(every_n_steps=1, metrics=METRICS, random_scales=(0.01, 0.1), random_directions=2)
-    logger = _fit(NoisyNet(optimizer="adam"), loader(x, y, 32), [callback], steps=2)
+    logger = fit_recorded(NoisyNet(optimizer="adam"), loader(x, y, 32), [callback], steps=2)
     expected = {
         "lambda_max",
         "lambda_min",
@@ -313,21 +303,14 @@ def test_monitoring_leaves_training_bitwise_identical(optimizer: str, accumulate
 # ---------------------------------------------------------------------------------------------------- control
 
 
-def _unstable(schedule: bool = True) -> tuple[LinearRegression, Any, float]:
-    """Full-batch GD at 1.5× its edge of stability: |1 − ηλ_max| = 2, the top direction doubles every step."""
-    x, y = regression_data()
-    lr = 3.0 / _top(x)
-    return LinearRegression(lr=lr, schedule=schedule), loader(x, y), lr
-
-
 def test_controller_rescues_a_run_past_its_edge_of_stability() -> None:
-    model, data, lr = _unstable()
-    logger = _fit(model, data, [SharpnessCallback(every_n_steps=1, metrics=("stability_ratio",))], steps=40)
+    model, data, lr = unstable_regression(schedule=True)
+    logger = fit_recorded(model, data, [SharpnessCallback(every_n_steps=1, metrics=("stability_ratio",))], steps=40)
     assert model.losses[-1] > 1e6 * model.losses[0]  # fixed learning rate: diverges
 
-    model, data, lr = _unstable()
+    model, data, lr = unstable_regression(schedule=True)
     callback = SharpnessCallback(every_n_steps=1, metrics=("stability_ratio",), auto_intervene=True, patience=1)
-    logger = _fit(model, data, [callback], steps=40)
+    logger = fit_recorded(model, data, [callback], steps=40)
     assert model.losses[-1] < 0.05 * model.losses[0]  # the controller: converges
     assert [(i.step, i.kind, i.applied) for i in callback.interventions] == [(0, "lr_scale", True)]
     assert callback.interventions[0].before == pytest.approx(lr)
@@ -341,17 +324,17 @@ def test_controller_rescues_a_run_past_its_edge_of_stability() -> None:
 
 
 def test_without_auto_intervene_it_warns_and_records_what_it_would_do() -> None:
-    model, data, lr = _unstable()
+    model, data, lr = unstable_regression(schedule=True)
     callback = SharpnessCallback(every_n_steps=1, metrics=("stability_ratio",), patience=2)
     with pytest.warns(RuntimeWarning, match="would multiply the learning rate by 0.5"):
-        _fit(model, data, [callback], steps=6)
+        fit_recorded(model, data, [callback], steps=6)
     assert [(i.step, i.applied) for i in callback.interventions] == [(1, False)]
     assert model.trainer.optimizers[0].param_groups[0]["lr"] == lr
     assert callback.cumulative_factor == 1.0
 
 
 def test_increase_never_goes_above_the_original_and_floor_holds() -> None:
-    model, data, lr = _unstable()
+    model, data, lr = unstable_regression(schedule=True)
     callback = SharpnessCallback(
         every_n_steps=1,
         metrics=("stability_ratio",),
@@ -361,17 +344,17 @@ def test_increase_never_goes_above_the_original_and_floor_holds() -> None:
         allow_increase=True,
         increase_below=0.5,
     )
-    _fit(model, data, [callback], steps=6)
+    fit_recorded(model, data, [callback], steps=6)
     factors = [i.after / lr for i in callback.interventions]
     assert factors == pytest.approx([0.2, 1.0, 0.2, 1.0, 0.2, 1.0])  # ratio 1.5 → 0.3 → back to 1.5 ...
     assert callback.cumulative_factor == pytest.approx(1.0)
 
-    model, data, lr = _unstable()
+    model, data, lr = unstable_regression(schedule=True)
     callback = SharpnessCallback(
         every_n_steps=1, metrics=("stability_ratio",), auto_intervene=True, patience=1, min_lr_factor=0.7, margin=1.0
     )
     with pytest.warns(RuntimeWarning, match="min_lr_factor"):
-        _fit(model, data, [callback], steps=4)
+        fit_recorded(model, data, [callback], steps=4)
     assert callback.cumulative_factor == pytest.approx(0.7)  # clipped to the floor, then left there
 
 
@@ -382,16 +365,16 @@ def test_resume_does_not_repeat_an_intervention(tmp_path: Path) -> None:
     def checkpoints() -> ModelCheckpoint:
         return ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
 
-    model, data, lr = _unstable()
+    model, data, lr = unstable_regression(schedule=True)
     first = callback()
-    _fit(model, data, [first, checkpoints()], steps=12, enable_checkpointing=True)
+    fit_recorded(model, data, [first, checkpoints()], steps=12, enable_checkpointing=True)
     assert [(i.step, i.applied) for i in first.interventions] == [(2, True)]
     weights = {k: v.clone() for k, v in model.state_dict().items()}
 
     path = str(tmp_path / "epoch=3-step=4.ckpt")
-    resumed_model, data, _ = _unstable()
+    resumed_model, data, _ = unstable_regression(schedule=True)
     second = callback()
-    _fit(resumed_model, data, [second], steps=12, ckpt_path=path)
+    fit_recorded(resumed_model, data, [second], steps=12, ckpt_path=path)
     assert second.interventions == first.interventions  # restored, not repeated
     assert second.cumulative_factor == 0.5
     assert resumed_model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(lr / 2)
@@ -403,18 +386,18 @@ def test_a_second_fit_of_the_same_instance_starts_from_the_configured_learning_r
     """``configure_optimizers`` runs again: the factor starts at 1 (it used to carry 0.5 over and read 0.25 after
     one cut of the fresh learning rate); a resumed fit keeps its factor (``test_resume_does_not_repeat...``)."""
     callback = SharpnessCallback(every_n_steps=1, metrics=("stability_ratio",), auto_intervene=True, patience=1)
-    model, data, lr = _unstable()
-    _fit(model, data, [callback], steps=2)
+    model, data, lr = unstable_regression(schedule=True)
+    fit_recorded(model, data, [callback], steps=2)
     assert callback.cumulative_factor == 0.5
-    model, data, lr = _unstable()
-    logger = _fit(model, data, [callback], steps=2)
+    model, data, lr = unstable_regression(schedule=True)
+    logger = fit_recorded(model, data, [callback], steps=2)
     assert callback.cumulative_factor == 0.5
     assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(lr / 2)
     assert logger.series("sharpness/lr_factor") == {0: 0.5, 1: 0.5}
 
 
 def test_tensorboard_layout_and_intervention_text(tmp_path: Path) -> None:
-    model, data, _ = _unstable(schedule=False)
+    model, data, _ = unstable_regression(schedule=False)
     callback = SharpnessCallback(every_n_steps=1, metrics=("stability_ratio",), auto_intervene=True, patience=1)
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer = quiet_trainer(max_steps=3, logger=logger, callbacks=[callback])
@@ -452,7 +435,7 @@ def test_a_skipped_probe_batch_logs_nan() -> None:
     x, y = regression_data()
     callback = SharpnessCallback(every_n_steps=1, metrics=("lambda_max", "stability_ratio"))
     with pytest.warns(RuntimeWarning, match="returned None on the probe batch"):
-        logger = _fit(_SkipsEverySecondCall(), loader(x, y), [callback], steps=2)
+        logger = fit_recorded(_SkipsEverySecondCall(), loader(x, y), [callback], steps=2)
     assert all(math.isnan(v) for v in logger.series("sharpness/lambda_max").values())
     assert len(logger.series("sharpness/stability_ratio")) == 2
 
@@ -460,7 +443,7 @@ def test_a_skipped_probe_batch_logs_nan() -> None:
 def test_manual_optimization_needs_a_loss_fn() -> None:
     x, y = regression_data()
     with pytest.raises(MisconfigurationException, match="override `loss_fn"):
-        _fit(_Manual(), loader(x, y), [SharpnessCallback()], steps=1)
+        fit_recorded(_Manual(), loader(x, y), [SharpnessCallback()], steps=1)
 
 
 @pytest.mark.parametrize(
@@ -517,7 +500,7 @@ def _counted_run(
     monkeypatch.setattr(curvature.HessianVectorProduct, "__call__", counted)
     x, y = regression_data(64)
     callback = Counting(every_n_steps=1, metrics=metrics, warm_start=warm_start, hvp=hvp)  # type: ignore[arg-type]
-    logger = _fit(QuietMLP(), loader(x, y, batch_size), [callback], steps=steps)
+    logger = fit_recorded(QuietMLP(), loader(x, y, batch_size), [callback], steps=steps)
     monkeypatch.undo()
     return logger.series("sharpness/lambda_max"), logger.series("sharpness/lambda_min"), products, callback
 
@@ -565,8 +548,8 @@ def test_compiled_module_gets_finite_sharpness() -> None:
     metrics = ("lambda_max", "batch_sharpness", "stability_ratio")
     callback = SharpnessCallback(every_n_steps=1, metrics=metrics, num_hvps=5)
     compiled: Any = torch.compile(QuietMLP())
-    logger = _fit(compiled, loader(x, y, 32), [callback], steps=3)
-    eager = _fit(
+    logger = fit_recorded(compiled, loader(x, y, 32), [callback], steps=3)
+    eager = fit_recorded(
         QuietMLP(), loader(x, y, 32), [SharpnessCallback(every_n_steps=1, metrics=metrics, num_hvps=5)], steps=1
     )
     for key in ("sharpness/lambda_max", "sharpness/batch_sharpness", "sharpness/stability_ratio"):
@@ -583,7 +566,7 @@ def test_a_failing_probe_warns_once_and_logs_nan(monkeypatch: pytest.MonkeyPatch
     x, y = regression_data(64)
     callback = SharpnessCallback(every_n_steps=1, metrics=("lambda_max", "stability_ratio"))
     with pytest.warns(RuntimeWarning, match="hvp='finite_difference'") as record:
-        logger = _fit(QuietMLP(), loader(x, y, 32), [callback], steps=2)
+        logger = fit_recorded(QuietMLP(), loader(x, y, 32), [callback], steps=2)
     assert sum("probe at step" in str(w.message) for w in record) == 1
     assert [math.isnan(v) for v in logger.series("sharpness/lambda_max").values()] == [True, True]
 
@@ -595,14 +578,7 @@ def test_a_failing_probe_warns_once_and_logs_nan(monkeypatch: pytest.MonkeyPatch
 def test_edge_of_stability_example() -> None:
     """The example, shortened: sharpness reaches 2/η and the loss oscillates at a fixed learning rate; the
     controller keeps the loss decreasing monotonically, and rescues the run that diverges from the first step."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "edge_of_stability.py"
-    spec = importlib.util.spec_from_file_location("edge_of_stability", path)
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    sys.modules["edge_of_stability"] = example  # dataclasses look their module up
-    spec.loader.exec_module(example)
+    example = load_example("edge_of_stability")
     runs = example.main(steps=300, every=10, quiet=True)
 
     fixed, controlled = runs[0.1]["fixed lr"], runs[0.1]["auto_intervene"]
@@ -614,3 +590,47 @@ def test_edge_of_stability_example() -> None:
     fixed, controlled = runs[0.5]["fixed lr"], runs[0.5]["auto_intervene"]
     assert not math.isfinite(fixed.losses[-1]) or fixed.losses[-1] > fixed.losses[0]  # diverged
     assert math.isfinite(controlled.losses[-1]) and controlled.losses[-1] < 0.6 * controlled.losses[0]
+
+
+# --------------------------------------------------------------------------------------------------- schedule
+
+
+class LaterUnstable(LinearRegression):
+    """Full-batch GD at half its edge of stability until step 80, then at 1.5× (a learning-rate warm-up gone wrong)."""
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 if step < 80 else 3.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def probe_steps(logger: Any) -> list[int]:
+    return sorted(logger.series("sharpness/lr_factor"))
+
+
+def test_default_schedule_is_dense_early_then_sparse() -> None:
+    # Before: every 200 steps, so one probe in the first 200 steps, where a learning rate too high shows first.
+    x, y = regression_data()
+    model = LinearRegression(lr=1.0 / top_eigenvalue(x))
+    logger = fit_recorded(model, loader(x, y), [SharpnessCallback()], steps=120)
+    assert probe_steps(logger) == [0, 10, 20, 30, 40, 50, 70, 110]
+    for options, expected in [
+        ({"every_n_steps": 7}, list(range(0, 120, 7))),  # at most the dense interval: the fixed schedule
+        ({"every_n_steps": 40, "adaptive_schedule": False}, [0, 40, 80]),
+    ]:
+        model = LinearRegression(lr=1.0 / top_eigenvalue(x))
+        logger = fit_recorded(model, loader(x, y), [SharpnessCallback(**options)], steps=120)
+        assert probe_steps(logger) == expected, options
+
+
+def test_schedule_is_dense_again_after_a_learning_rate_change() -> None:
+    x, y = regression_data()
+    model = LaterUnstable(lr=1.0 / top_eigenvalue(x))
+    callback = SharpnessCallback(every_n_steps=40, metrics=("stability_ratio",), auto_intervene=True, patience=1)
+    logger = fit_recorded(model, loader(x, y), [callback], steps=200)
+    assert [(i.step, i.applied) for i in callback.interventions] == [(110, True)]  # the first probe past step 80
+    steps = probe_steps(logger)
+    assert steps == [0, 10, 20, 30, 40, 50, 70, 110, 120, 130, 140, 150, 160, 180]
+    restored = SharpnessCallback(every_n_steps=40)
+    restored.load_state_dict(callback.state_dict())
+    assert restored.schedule.state_dict() == callback.schedule.state_dict()

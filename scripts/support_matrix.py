@@ -1,7 +1,7 @@
 """The support matrix: one list of Trainer set-ups every callback is tested under, with the outcome each must have.
 
 ``tests/test_support_matrix.py`` runs every cell with all the callbacks of :data:`CALLBACK_FACTORIES` attached,
-and ``scripts/support_table.py`` prints the README's table from the same list, so the table cannot drift from
+and ``python -m scripts.support_table`` prints the README's table from the same list, so the table cannot drift from
 what is tested.
 
 The cells are a covering design, not the cartesian product (which would not fit a 2-core CI): every value of every
@@ -9,7 +9,8 @@ axis appears, and so do the pairs that exercise distinct code paths: fp16 + Grad
 fused optimizer (gradients still scaled in ``on_before_optimizer_step``), manual optimization with several
 optimizers, with DDP and with the GradScaler, resume with fp16 and accumulation, and ``torch.compile`` in fp32.
 
-This module imports no test code, so the table script can import it on its own.
+It lives beside the table script, not in ``tests/``: the script and the tests import it as ``scripts.support_matrix``
+(from the repository root), and it imports no test code, only the package.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Outcome:
 
     @property
     def passes(self) -> bool:
+        """Whether training must pass."""
         return self.error is None
 
 
@@ -86,6 +88,7 @@ class Cell:
 
     @property
     def id(self) -> str:
+        """The test id, e.g. ``p32-acc1-automatic-single-adam-resume``."""
         parts = [f"p{self.precision}", f"acc{self.accumulate}", self.optimization, self.strategy, self.optimizers]
         parts += [flag for flag in ("resume", "cli", "compile") if getattr(self, flag)]
         return "-".join(parts)
@@ -147,13 +150,16 @@ class CallbackSpec:
 
     @property
     def name(self) -> str:
+        """The class name (the key in :data:`CALLBACK_FACTORIES`)."""
         return self.cls.__name__
 
     @property
     def class_path(self) -> str:
+        """The import path LightningCLI takes (``class_path``)."""
         return f"{self.cls.__module__}.{self.cls.__qualname__}"
 
     def __call__(self) -> Callback:
+        """A fresh instance."""
         return self.cls(**self.kwargs)
 
 

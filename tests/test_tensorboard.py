@@ -1,6 +1,8 @@
+"""The TensorBoard helpers (``lightning_gradflow.tensorboard``): tag prefixes, custom-scalars layout, figures,
+text and raw histograms written through Lightning's TensorBoardLogger, and nothing off rank zero."""
+
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -9,15 +11,6 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gradflow import tensorboard as tb
-from lightning_gradflow.interventions import Intervention, interventions_markdown
-
-
-def test_intervention_record() -> None:
-    i = Intervention(5, "X", "clip", "all", "spike", 12.0, math.nan, applied=False)
-    assert Intervention.from_dict(i.to_dict()) == Intervention(5, "X", "clip", "all", "spike", 12.0, math.nan, False)
-    assert "not applied" in str(i) and "12 -> ?" in str(i)
-    table = interventions_markdown([i])
-    assert table.splitlines()[2].startswith("| 5 | clip | all | spike | 12 | ? | False |")
 
 
 def _events(path: Path) -> EventAccumulator:

@@ -1,4 +1,4 @@
-"""Small LightningModules, data and a recording logger for the GradientFlowCallback tests.
+"""Small LightningModules, data and a reference gradient-norm probe for the GradientFlowCallback tests.
 
 Everything here is defined at module level so that it pickles (``ddp_spawn`` sends it to the workers).
 """
@@ -7,68 +7,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from argparse import Namespace
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-
-# ------------------------------------------------------------------------------------------------------ the logger
-
-
-class RecordingLogger(Logger):
-    """Keeps every ``log_metrics`` call in memory: ``rows`` is a list of ``(step, metrics)``.
-
-    Not decorated with ``rank_zero_only``, so under DDP each rank records what the callback logged there.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((step, {k: float(v) for k, v in metrics.items()}))
-
-    def series(self, key: str) -> dict[int, float]:
-        """``{step: value}`` of one metric (the last value wins when a step was logged twice)."""
-        return {step: m[key] for step, m in self.rows if key in m and step is not None}
-
-    def keys(self) -> set[str]:
-        return {k for _, m in self.rows for k in m}
-
-    def gradflow_rows(self) -> dict[int, dict[str, float]]:
-        """``{step: metrics}`` of the rows the callback wrote (those holding ``gradflow/grad_norm_total``)."""
-        return {step: m for step, m in self.rows if "gradflow/grad_norm_total" in m and step is not None}
-
-
-def quiet_trainer(**kwargs: Any) -> Trainer:
-    """A CPU Trainer without progress bar, model summary, checkpointing or sanity checks (overridable)."""
-    defaults: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "num_sanity_val_steps": 0,
-        "log_every_n_steps": 1,
-    }
-    defaults.update(kwargs)
-    return Trainer(**defaults)
-
 
 # ---------------------------------------------------------------------------------------------------------- data
 
@@ -257,51 +201,3 @@ class GradNormProbe(Callback):
         row = {layer: math.sqrt(s) for layer, s in sums.items()}
         row["__total__"] = float(torch.nn.utils.get_total_norm(grads))
         self.norms[trainer.global_step] = row
-
-
-class RankReport(Callback):
-    """Under DDP, writes what each rank saw to ``<out_dir>/rank<r>.pt`` when training ends (``ddp_spawn`` workers
-    cannot hand objects back to the test process).
-
-    The file holds the probe's reference norms, the rows the recording logger got on that rank, the losses, the
-    callback's layers and interventions, and the final weights.
-    """
-
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir = out_dir
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        probe = next(c for c in trainer.callbacks if isinstance(c, GradNormProbe))  # type: ignore[attr-defined]
-        watched = next(c for c in trainer.callbacks if hasattr(c, "interventions"))  # type: ignore[attr-defined]
-        recording = next(lg for lg in trainer.loggers if isinstance(lg, RecordingLogger))
-        report = {
-            "rank": trainer.global_rank,
-            "world_size": trainer.world_size,
-            "probe": probe.norms,
-            "rows": recording.rows,
-            "losses": list(getattr(pl_module, "losses", [])),
-            "layers": list(watched.layers),
-            "interventions": [i.to_dict() for i in watched.interventions],
-            "weights": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
-        }
-        torch.save(report, f"{self.out_dir}/rank{trainer.global_rank}.pt")
-
-
-class RankStridedDataset(torch.utils.data.Dataset):
-    """Rank ``r`` of ``w`` reads samples ``r, r + w, r + 2w, ...`` (rank read lazily, in the worker process).
-
-    Use with ``Trainer(use_distributed_sampler=False)`` and an unshuffled DataLoader: which sample lands in which
-    rank's batch is then known in advance (Lightning's own DistributedSampler always shuffles training data).
-    """
-
-    def __init__(self, x: Tensor, y: Tensor, world_size: int) -> None:
-        self.x, self.y, self.world_size = x, y, world_size
-
-    def __len__(self) -> int:
-        return len(self.x) // self.world_size
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        dist = torch.distributed
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        j = i * self.world_size + rank
-        return self.x[j], self.y[j]

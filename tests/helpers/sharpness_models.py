@@ -1,4 +1,4 @@
-"""Models with known Hessians and a per-rank report, for the SharpnessCallback tests (module level: they pickle)."""
+"""Models with known Hessians and reference probes, for the SharpnessCallback tests (module level: they pickle)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ def exact_hessian(x: Tensor) -> Tensor:
     """The Hessian of ``mean((x w + b − y)²)`` in (w, b): ``2/n [x 1]ᵀ[x 1]`` (float64), in parameter order."""
     design = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
     return 2 * design.T @ design / len(x)
+
+
+def top_eigenvalue(x: Tensor) -> float:
+    """λ_max of :func:`exact_hessian`."""
+    return float(torch.linalg.eigvalsh(exact_hessian(x))[-1])
 
 
 class LinearRegression(LightningModule):
@@ -75,6 +80,14 @@ class LinearRegression(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def unstable_regression(schedule: bool = False) -> tuple[LinearRegression, DataLoader, float]:
+    """Full-batch GD at 1.5× its edge of stability (``lr = 3 / λ_max``: ``|1 − ηλ_max| = 2``, the top direction
+    doubles every step): the model, its loader and the learning rate."""
+    x, y = regression_data()
+    lr = 3.0 / top_eigenvalue(x)
+    return LinearRegression(lr=lr, schedule=schedule), loader(x, y), lr
+
+
 class NoisyNet(LightningModule):
     """BatchNorm, dropout and momentum: anything a probe could disturb (running statistics, RNG, gradients)."""
 
@@ -108,28 +121,7 @@ class LocalProbe(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         x, _ = batch
-        self.local[trainer.global_step - 1] = float(torch.linalg.eigvalsh(exact_hessian(x))[-1])
-
-
-class SharpnessRankReport(Callback):
-    """Writes what each rank saw to ``<out_dir>/rank<r>.pt`` at the end of training."""
-
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir = out_dir
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        callback = next(c for c in trainer.callbacks if isinstance(c, SharpnessCallback))  # type: ignore[attr-defined]
-        local = next(c for c in trainer.callbacks if isinstance(c, LocalProbe))  # type: ignore[attr-defined]
-        report = {
-            "world_size": trainer.world_size,
-            "local": local.local,
-            "rows": [row for row in trainer.loggers[0].rows],  # type: ignore[attr-defined]
-            "interventions": [i.to_dict() for i in callback.interventions],
-            "factor": callback.cumulative_factor,
-            "lr": trainer.optimizers[0].param_groups[0]["lr"],
-            "weights": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
-        }
-        torch.save(report, f"{self.out_dir}/rank{trainer.global_rank}.pt")
+        self.local[trainer.global_step - 1] = top_eigenvalue(x)
 
 
 class QuietMLP(LightningModule):
@@ -246,3 +238,145 @@ class LinearLoss(LinearRegression):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         return (self(x) - y).mean()
+
+
+# ------------------------------------------------------------------------ models people use (tests/test_hvp_models.py)
+
+
+class ThirdPartyModule(LightningModule):
+    """A module whose loss is :meth:`loss` (also what :func:`exact_lambda_max` differentiates), SGD."""
+
+    def loss(self, batch: Any) -> Tensor:
+        raise NotImplementedError
+
+    def reference_loss(self, batch: Any) -> Tensor:
+        """The same loss, computed in a way that has a double backward (default: :meth:`loss`)."""
+        return self.loss(batch)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.loss(batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class StockEncoder(ThirdPartyModule):
+    """``nn.TransformerEncoder`` (fused SDPA attention in training, no double backward) → linear head, MSE."""
+
+    def __init__(self, d_model: int = 8, layers: int = 1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(d_model, 2, 2 * d_model, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, 1)
+
+    def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.head(self.encoder(x)).squeeze(-1), y)
+
+
+def encoder_data(n: int = 8, seq: int = 5, d_model: int = 8) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(n, seq, d_model, generator=gen), torch.randn(n, seq, generator=gen)
+
+
+class HFCausalLM(ThirdPartyModule):
+    """A Hugging Face causal LM built from a config with random weights (``"gpt2"``: tied embeddings; ``"llama"``),
+    SDPA attention, next-token loss on the batch's ids."""
+
+    def __init__(self, kind: str = "llama", vocab: int = 32, hidden: int = 8) -> None:
+        super().__init__()
+        import transformers
+
+        torch.manual_seed(0)
+        config: Any
+        if kind == "gpt2":
+            config = transformers.GPT2Config(
+                vocab_size=vocab, n_positions=16, n_embd=hidden, n_layer=1, n_head=2, resid_pdrop=0.0,
+                embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, tie_word_embeddings=True,
+            )  # fmt: skip
+            self.model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+        else:
+            config = transformers.LlamaConfig(
+                vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16, bos_token_id=0,
+                eos_token_id=0, pad_token_id=None, tie_word_embeddings=True,
+            )  # fmt: skip
+            self.model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+
+    def loss(self, batch: tuple[Tensor]) -> Tensor:
+        (ids,) = batch
+        return self.model(input_ids=ids, labels=ids).loss
+
+
+def token_batches(n: int = 4, seq: int = 8, vocab: int = 32) -> tuple[Tensor]:
+    return (torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(2)),)
+
+
+class CheckpointedMLP(ThirdPartyModule):
+    """``tanh`` MLP whose middle block runs under reentrant ``torch.utils.checkpoint`` (refuses ``autograd.grad``)."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(4, width)
+        self.block = nn.Sequential(nn.Tanh(), nn.Linear(width, width), nn.Tanh())
+        self.head = nn.Linear(width, 1)
+
+    def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        x, y = batch
+        h = checkpoint(self.block, self.inp(x), use_reentrant=True)
+        return nn.functional.mse_loss(self.head(h).squeeze(-1), y)
+
+    def reference_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.head(self.block(self.inp(x))).squeeze(-1), y)
+
+
+class SparseBag(ThirdPartyModule):
+    """``nn.EmbeddingBag(sparse=True)`` (mean of each row's ids; its backward has no derivative) → tanh → linear."""
+
+    def __init__(self, vocab: int = 10, dim: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = nn.EmbeddingBag(vocab, dim, mode="mean", sparse=True)
+        self.head = nn.Linear(dim, 1)
+
+    def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        ids, y = batch
+        return nn.functional.mse_loss(self.head(torch.tanh(self.bag(ids))).squeeze(-1), y)
+
+    def reference_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        ids, y = batch
+        return nn.functional.mse_loss(self.head(torch.tanh(self.bag.weight[ids].mean(1))).squeeze(-1), y)
+
+
+def bag_data(n: int = 16, width: int = 3, vocab: int = 10) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return torch.randint(0, vocab, (n, width), generator=gen), torch.randn(n, generator=gen)
+
+
+def exact_lambda_max(module: ThirdPartyModule, batch: Any) -> float:
+    """λ_max of the full float64 Hessian of ``module.reference_loss(batch)`` (row by row, math attention kernel).
+
+    No finite differences and no Lanczos: the reference the callback's defaults are checked against.
+    """
+    import copy
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    ref = copy.deepcopy(module).double()
+    batch = tuple(t.double() if t.is_floating_point() else t for t in batch)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    with sdpa_kernel([SDPBackend.MATH]):
+        grads = torch.autograd.grad(ref.reference_loss(batch), params, create_graph=True)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        rows = []
+        for i in range(flat.numel()):
+            row = torch.autograd.grad(flat[i], params, retain_graph=True, allow_unused=True)
+            pieces = [torch.zeros_like(p) if r is None else r for p, r in zip(params, row, strict=True)]
+            rows.append(torch.cat([r.reshape(-1) for r in pieces]))
+    hessian = torch.stack(rows)
+    return float(torch.linalg.eigvalsh((hessian + hessian.T) / 2)[-1])

@@ -1,7 +1,10 @@
-"""Scheduler-safe learning-rate scaling: after a scale at step k, every later LR is factor x the unscaled schedule."""
+"""Interventions (``lightning_gradflow.interventions``): the ``Intervention`` record and its Markdown table, the
+bounded ``InterventionLog``, and scheduler-safe learning-rate scaling (after a scale at step k, every later LR is
+factor x the unscaled schedule)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -9,7 +12,20 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as sched
 
-from lightning_gradflow.interventions import InterventionLog, scale_learning_rate
+from lightning_gradflow.interventions import Intervention, InterventionLog, interventions_markdown, scale_learning_rate
+
+# ------------------------------------------------------------------------------------------------------ records
+
+
+def test_intervention_record() -> None:
+    i = Intervention(5, "X", "clip", "all", "spike", 12.0, math.nan, applied=False)
+    assert Intervention.from_dict(i.to_dict()) == Intervention(5, "X", "clip", "all", "spike", 12.0, math.nan, False)
+    assert "not applied" in str(i) and "12 -> ?" in str(i)
+    table = interventions_markdown([i])
+    assert table.splitlines()[2].startswith("| 5 | clip | all | spike | 12 | ? | False |")
+
+
+# -------------------------------------------------------------------------------------------- learning-rate scaling
 
 Factory = Callable[[torch.optim.Optimizer], Any]
 

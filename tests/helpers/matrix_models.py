@@ -1,4 +1,4 @@
-"""The tiny model, data and loggers of the support-matrix, bad-input and TensorBoard-server tests.
+"""The tiny model and data of the support-matrix, bad-input, whole-run and TensorBoard-server tests.
 
 ``TinyLSTM`` has an ``nn.LSTM`` (so GateSurgeryCallback finds gates), a ReLU layer (so dead-unit probes have
 something to look at) and a Linear head; it trains in milliseconds per step on a CPU. Everything is defined at module
@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from models import RecordingLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -133,6 +132,3 @@ class TinyLSTM(LightningModule):
             rest = [*self.hidden.parameters(), *self.head.parameters()]
             return [self._make("adam", self.lstm.parameters()), self._make("sgd", rest)]
         return self._make(self.optimizer_name, [p for p in self.parameters() if p.requires_grad] or self.parameters())
-
-
-Recorder = RecordingLogger

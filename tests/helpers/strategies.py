@@ -1,4 +1,4 @@
-"""Shared test helpers: comparing statistics tables against the float64 reference."""
+"""Hypothesis strategies for tensors with awkward shapes, dtypes, layouts (sparse, complex) and special values."""
 
 from __future__ import annotations
 
@@ -6,38 +6,45 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
-from lightning_gradflow.stats import Stat
-
-#: Relative tolerance of sums computed with float32 accumulation, per input dtype (values of half types are exact in
-#: float32, so they share float32's tolerance; float64 inputs accumulate in float64 and are only rounded at the end).
-SUM_RTOL = {torch.float16: 2e-5, torch.bfloat16: 2e-5, torch.float32: 2e-5, torch.float64: 1e-6}
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+SPECIALS = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0]
 
 
-def abs_sums(tensors: list[Tensor]) -> Tensor:
-    """Σ|x| over the finite values of each tensor (float64): the scale of rounding errors in a signed sum."""
-    out = []
-    for t in tensors:
-        x = t.detach().double().reshape(-1)
-        out.append(x[torch.isfinite(x)].abs().sum())
-    return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
+@st.composite
+def tensors(draw: st.DrawFn, max_numel: int = 3000, dtypes: list[torch.dtype] | None = None) -> Tensor:
+    """One tensor: 0-3 dims (empty and one-element included), random scale, optional specials, maybe strided."""
+    dtype = draw(st.sampled_from(dtypes or DTYPES))
+    ndim = draw(st.integers(0, 3))
+    shape = draw(st.lists(st.integers(0, 40), min_size=ndim, max_size=ndim))
+    numel = 1
+    for n in shape:
+        numel *= n
+    if numel > max_numel:
+        shape = [1] * ndim
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    scale = draw(st.sampled_from([1e-6, 1e-3, 1.0, 1e3]))
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    if x.numel():
+        flat = x.view(-1)
+        for value in draw(st.lists(st.sampled_from(SPECIALS), max_size=4)):
+            flat[draw(st.integers(0, flat.numel() - 1))] = value
+        if draw(st.booleans()):  # a run of zeros, as after ReLU
+            flat[: flat.numel() // 2] = 0.0
+    x = x.to(dtype)
+    layout = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
+    if layout == "transposed" and x.ndim >= 2:
+        x = x.transpose(0, -1)
+    elif layout == "strided" and x.ndim >= 1 and x.shape[0] > 1:
+        x = x[::2]
+    return x
 
 
-def assert_stats_close(actual: Tensor, expected: Tensor, tensors: list[Tensor]) -> None:
-    """Counts and maxima exactly; sums of squares relatively; signed sums relative to Σ|x|."""
-    actual, expected = actual.cpu().double(), expected.cpu().double()
-    assert actual.shape == expected.shape
-    exact = [Stat.ABSMAX, Stat.NONFINITE, Stat.ZEROS, Stat.NUMEL]
-    torch.testing.assert_close(actual[:, exact], expected[:, exact], rtol=0, atol=0)
-    rtol = torch.tensor([SUM_RTOL[t.dtype] for t in tensors], dtype=torch.float64)
-    sumsq_err = (actual[:, Stat.SUMSQ] - expected[:, Stat.SUMSQ]).abs()
-    assert bool((sumsq_err <= rtol * expected[:, Stat.SUMSQ] + 1e-30).all()), (actual[:, 0], expected[:, 0])
-    sum_err = (actual[:, Stat.SUM] - expected[:, Stat.SUM]).abs()
-    assert bool((sum_err <= rtol * abs_sums(tensors) + 1e-30).all()), (actual[:, Stat.SUM], expected[:, Stat.SUM])
+def tensor_lists(max_size: int = 8, **kwargs: object) -> st.SearchStrategy[list[Tensor]]:
+    return st.lists(tensors(**kwargs), min_size=0, max_size=max_size)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------- sparse and complex test inputs
-
-SPECIALS = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0]
 
 
 @st.composite
@@ -86,10 +93,3 @@ def complex_tensors(draw: st.DrawFn) -> Tensor:
             parts.view(-1, 2)[: parts.numel() // 4] = 0.0  # some exact complex zeros
     z = torch.view_as_complex(parts).to(dtype)
     return z.t() if z.ndim == 2 and draw(st.booleans()) else z
-
-
-def comparable(t: Tensor) -> Tensor:
-    """The dense real tensor whose tolerances apply to ``t``'s statistics: dense values, or float64 ``|z|``."""
-    if t.layout != torch.strided:
-        t = t.to_dense()
-    return t.to(torch.complex128).abs() if t.dtype.is_complex else t

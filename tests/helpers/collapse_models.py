@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from models import quiet_trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -98,11 +97,6 @@ def collapse_loader(
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
-def collapse_trainer(**kwargs: Any) -> Trainer:
-    """The shared quiet trainer, without a logger, for one epoch (overridable)."""
-    return quiet_trainer(**{"logger": False, "max_epochs": 1, **kwargs})
-
-
 def first_nonfinite_step(model: ReluMLP) -> int | None:
     return next((step for step, loss in model.losses if not math.isfinite(loss)), None)
 
@@ -126,26 +120,6 @@ class StateLoader(Callback):
             config.scheduler.load_state_dict(copy_tree(state))
         if self.rng is not None:
             _set_rng_states(self.rng)
-
-
-class CollapseRankReport(Callback):
-    """Under DDP, writes what each rank saw to ``<out_dir>/rank<r>.pt`` when training ends."""
-
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir = out_dir
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        watched = next(c for c in trainer.callbacks if hasattr(c, "rollbacks"))  # type: ignore[attr-defined]
-        report = {
-            "rank": trainer.global_rank,
-            "world_size": trainer.world_size,
-            "losses": list(getattr(pl_module, "losses", [])),
-            "interventions": [i.to_dict() for i in watched.interventions],
-            "warnings": list(watched.warnings),
-            "rollbacks": watched.rollbacks,
-            "weights": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
-        }
-        torch.save(report, f"{self.out_dir}/rank{trainer.global_rank}.pt")
 
 
 class LinearRegressor(LightningModule):

@@ -1,4 +1,4 @@
-"""Runs one support-matrix cell (see ``support_matrix.py``) and summarises what happened in a picklable dict.
+"""Runs one support-matrix cell (see ``scripts/support_matrix.py``) and summarises what happened in a picklable dict.
 
 DDP cells run several at a time in one pair of spawned processes (:func:`run_ddp_cells`): each process sets the
 ``torchrun`` environment variables, so Lightning's ``strategy="ddp"`` joins the existing processes instead of
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import traceback
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
-from matrix_models import Recorder, TinyDataModule, TinyLSTM, sequence_loader
-from support_matrix import CALLBACK_FACTORIES, Cell
+
+from scripts.support_matrix import CALLBACK_FACTORIES, Cell
+from tests.helpers.matrix_models import TinyDataModule, TinyLSTM, sequence_loader
+from tests.helpers.training import QUIET, RecordingLogger, free_port
 
 MAX_STEPS = 6
 #: Resume cells: the first run writes checkpoints every RESUME_AT steps and runs to RESUME_STEPS; the second run
@@ -51,17 +52,7 @@ def make_model(cell: Cell) -> TinyLSTM:
 
 
 def trainer_kwargs(cell: Cell, max_steps: int) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": max_steps,
-        "accumulate_grad_batches": cell.accumulate,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "num_sanity_val_steps": 0,
-        "log_every_n_steps": 1,
-    }
+    kwargs: dict[str, Any] = {**QUIET, "max_steps": max_steps, "accumulate_grad_batches": cell.accumulate}
     if cell.precision == "16-mixed":  # on the CPU, Lightning would silently switch to bf16 without a scaler
         scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
         kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
@@ -72,7 +63,9 @@ def trainer_kwargs(cell: Cell, max_steps: int) -> dict[str, Any]:
     return kwargs
 
 
-def summary(trainer: Trainer, model: LightningModule, recorder: Recorder, probe: StateProbe | None = None) -> dict:
+def summary(
+    trainer: Trainer, model: LightningModule, recorder: RecordingLogger, probe: StateProbe | None = None
+) -> dict:
     ours = [c for c in trainer.callbacks if type(c).__name__ in CALLBACK_FACTORIES]  # type: ignore[attr-defined]
     return {
         "rank": trainer.global_rank,
@@ -97,7 +90,7 @@ def _fit(
     cell: Cell, root: Path, names: list[str], max_steps: int, extra: list[Callback], ckpt_path: str | None = None
 ) -> dict:
     seed_everything(0, verbose=False)
-    recorder = Recorder()
+    recorder = RecordingLogger()
     tensorboard = TensorBoardLogger(str(root), name="tb", version=0, default_hp_metric=False)
     probe = StateProbe()
     kwargs = trainer_kwargs(cell, max_steps)
@@ -144,7 +137,7 @@ def cli_config(cell: Cell, root: Path, names: list[str]) -> dict[str, Any]:
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": str(root), "name": "tb", "version": 0, "default_hp_metric": False},
         },
-        {"class_path": "matrix_models.Recorder"},
+        {"class_path": "tests.helpers.training.RecordingLogger"},
     ]
     specs = [CALLBACK_FACTORIES[n] for n in names]
     trainer["callbacks"] = [{"class_path": s.class_path, "init_args": dict(s.kwargs)} for s in specs]
@@ -163,7 +156,7 @@ def run_cli(cell: Cell, root: Path, names: list[str]) -> dict:
         args=["fit", "--config", str(config)],
         save_config_kwargs={"overwrite": True},
     )
-    recorder = next(lg for lg in cli.trainer.loggers if isinstance(lg, Recorder))
+    recorder = next(lg for lg in cli.trainer.loggers if isinstance(lg, RecordingLogger))
     attached = [type(c).__name__ for c in cli.trainer.callbacks]  # type: ignore[attr-defined]
     assert all(name in attached for name in names), attached
     return summary(cli.trainer, cli.model, recorder)
@@ -174,12 +167,6 @@ def finite(losses: list[float]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------- DDP
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ddp_worker(rank: int, runs: list[tuple[str, Cell, list[str]]], root: str, port: int) -> None:

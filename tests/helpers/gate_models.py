@@ -1,4 +1,4 @@
-"""Recurrent LightningModules, data, a recording logger and a per-rank report for the GateSurgeryCallback tests.
+"""Recurrent LightningModules, data and a gate-saturating helper for the GateSurgeryCallback tests.
 
 Everything is defined at module level so that it pickles (``ddp_spawn`` sends it to the workers).
 """
@@ -8,26 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from models import RecordingLogger, quiet_trainer
+from lightning.pytorch import LightningModule, seed_everything
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.helpers.models import RegressionModule
+
 INPUT_SIZE = 4
-
-
-class Recorder(RecordingLogger):
-    """The shared recording logger, plus the rows the gate callback wrote."""
-
-    def gate_rows(self) -> dict[int, dict[str, float]]:
-        """``{step: metrics}`` of the rows holding ``gates/surgeries``."""
-        return {step: m for step, m in self.rows if "gates/surgeries" in m and step is not None}
-
-
-def trainer(**kwargs: Any) -> Trainer:
-    """The shared quiet trainer (``tests/models.py``), without a logger unless given."""
-    return quiet_trainer(**{"logger": False, **kwargs})
 
 
 def sequences(n: int = 64, steps: int = 12, batch_size: int = 8, seed: int = 0, shift: float = 0.0) -> DataLoader:
@@ -38,7 +26,7 @@ def sequences(n: int = 64, steps: int = 12, batch_size: int = 8, seed: int = 0, 
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
-class RecurrentRegressor(LightningModule):
+class RecurrentRegressor(RegressionModule):
     """An LSTM/GRU (or an ``LSTMCell`` loop) reading ``(batch, T, 4)`` sequences, a linear head, MSE, Adam.
 
     ``packed=True`` feeds packed sequences with lengths ``T, T-1, ...`` (padding masked out of the loss).
@@ -56,8 +44,8 @@ class RecurrentRegressor(LightningModule):
         dropout: float = 0.0,
         lr: float = 0.01,
     ) -> None:
-        super().__init__()
-        self.kind, self.batch_first, self.packed, self.lr = kind, batch_first, packed, lr
+        super().__init__(lr=lr, optimizer="adam")
+        self.kind, self.batch_first, self.packed = kind, batch_first, packed
         self.drop = nn.Dropout(dropout)
         dirs = 2 if bidirectional else 1
         if kind == "lstmcell":
@@ -68,7 +56,6 @@ class RecurrentRegressor(LightningModule):
                 INPUT_SIZE, hidden, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first
             )
         self.head = nn.Linear(hidden * (1 if kind == "lstmcell" else dirs), 1)
-        self.losses: list[float] = []
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.drop(x)
@@ -88,14 +75,14 @@ class RecurrentRegressor(LightningModule):
         out, _ = self.rnn(x if self.batch_first else x.transpose(0, 1))
         return self.head(out if self.batch_first else out.transpose(0, 1))
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = nn.functional.mse_loss(self(x), y)
-        self.losses.append(float(loss.detach()))
-        return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+def saturated_regressor(seed: int = 0, **kwargs: Any) -> RecurrentRegressor:
+    """A :class:`RecurrentRegressor` (seeded) with its input and output gates pinned near 0 (σ(−8) ≈ 3e-4) in every
+    layer and direction."""
+    seed_everything(seed, verbose=False)
+    model = RecurrentRegressor(**kwargs)
+    saturate_(model.rnn, {0: -8.0, 3: -8.0})
+    return model
 
 
 class NoGates(LightningModule):
@@ -128,28 +115,3 @@ def saturate_(module: nn.Module, gates: dict[int, float], weight_scale: float = 
                     p[rows] = 0.0
                 elif name.startswith(("weight_ih", "weight_hh")):
                     p[rows] *= weight_scale
-
-
-class GateRankReport(Callback):
-    """Writes what each rank saw to ``<out_dir>/rank<r>.pt`` at the end of training (``ddp_spawn`` workers cannot
-    hand objects back): the gate callback's interventions and last statistics, the logged rows, the local
-    saturation of the probe batch, and the final weights and optimizer state.
-    """
-
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir = out_dir
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        watched = next(c for c in trainer.callbacks if hasattr(c, "surgeries"))  # type: ignore[attr-defined]
-        recorder = next(lg for lg in trainer.loggers if isinstance(lg, Recorder))
-        optimizer = trainer.optimizers[0]
-        report = {
-            "rank": trainer.global_rank,
-            "world_size": trainer.world_size,
-            "interventions": [i.to_dict() for i in watched.interventions],
-            "rows": recorder.rows,
-            "losses": list(getattr(pl_module, "losses", [])),
-            "weights": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
-        }
-        torch.save(report, f"{self.out_dir}/rank{trainer.global_rank}.pt")
